@@ -1,0 +1,101 @@
+"""Build open_clip models, image transforms and tokenizers from clipscale's model config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.transform import image_transform
+
+# Model sizes shipped with clipscale (e.g. the CPU demo's "clipscale-tiny") are plain open_clip
+# JSON configs; registering the folder makes them valid `model_name`s for every open_clip call,
+# including open_clip.create_model_and_transforms in a user's own code after `import clipscale.models`.
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def check_model_name(name: str) -> None:
+    """Raise a ValueError naming `name` if open_clip has no architecture of that name."""
+    known = open_clip.list_models()
+    if name not in known:
+        close = [m for m in known if name.lower().replace("/", "-") in m.lower()][:8]
+        hint = f" Close matches: {close}." if close else ""
+        raise ValueError(
+            f"model.name={name!r} is not an open_clip architecture nor a clipscale model config.{hint} "
+            f"See open_clip.list_models() or clipscale/model_configs/."
+        )
+
+
+def check_pretrained(pretrained: str | None) -> None:
+    """Only local weight files are allowed: nothing is downloaded at run time."""
+    if pretrained is not None and not os.path.isfile(pretrained):
+        raise ValueError(
+            f"model.pretrained={pretrained!r} is not a local file. clipscale never downloads "
+            "weights: pass a path to an open_clip state dict, or null for random initialisation."
+        )
+
+
+def build_model(
+    name: str,
+    pretrained: str | None = None,
+    grad_checkpointing: bool = False,
+    patch_dropout: float | None = None,
+    **model_kwargs,
+) -> torch.nn.Module:
+    """Create an open_clip CLIP model (random init unless `pretrained` is a local file)."""
+    check_model_name(name)
+    check_pretrained(pretrained)
+    model = open_clip.create_model(
+        name,
+        pretrained=pretrained,
+        pretrained_text=False,  # base text-tower weights would come from a hub: never at run time
+        force_patch_dropout=patch_dropout,
+        **model_kwargs,
+    )
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def build_transforms(name: str, is_train: bool):
+    """open_clip's image transform for `name` (train: with its random-resized-crop augmentation)."""
+    check_model_name(name)
+    image_size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+    return image_transform(image_size, is_train=is_train)
+
+
+def build_tokenizer(name: str):
+    """open_clip's tokenizer for `name`; the BPE vocabulary ships inside the open_clip package."""
+    check_model_name(name)
+    return open_clip.get_tokenizer(name)
+
+
+def load_clip_from_checkpoint(path: str, model_name: str | None = None) -> tuple[torch.nn.Module, str]:
+    """Load (model, model_name) from a clipscale Lightning checkpoint or an open_clip state dict.
+
+    A Lightning checkpoint of ours names its architecture in `hyper_parameters.model.name`; an
+    open_clip file holds only weights, so `model_name` must be given for it.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint={path!r} does not exist")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(payload, dict) and "state_dict" in payload and "hyper_parameters" in payload:
+        model_cfg = payload["hyper_parameters"]["model"]
+        model_name = model_cfg["name"]
+        prefix = "model."
+        state_dict = {
+            k[len(prefix) :]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)
+        }
+    else:
+        if model_name is None:
+            raise ValueError(
+                f"{path!r} is a plain state dict (open_clip format); give its architecture with "
+                "model_name=... (e.g. ViT-B-32)"
+            )
+        state_dict = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
+        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    model = build_model(model_name)
+    model.load_state_dict(state_dict)
+    return model.eval(), model_name
