@@ -72,7 +72,9 @@ def build_tokenizer(name: str):
     return open_clip.get_tokenizer(name)
 
 
-def load_clip_from_checkpoint(path: str, model_name: str | None = None) -> tuple[torch.nn.Module, str]:
+def load_clip_from_checkpoint(
+    path: str, model_name: str | None = None
+) -> tuple[torch.nn.Module, str]:
     """Load (model, model_name) from a clipscale Lightning checkpoint or an open_clip state dict.
 
     A Lightning checkpoint of ours names its architecture in `hyper_parameters.model.name`; an

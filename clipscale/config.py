@@ -1,0 +1,57 @@
+"""Start-up validation of a composed config: a bad value stops the run before anything is built.
+
+Misspelled keys and unknown group options (logger=foo) are already refused by Hydra at
+composition; this checks the values.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from clipscale.models import check_model_name, check_pretrained
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+def _positive_int_or_null(cfg: DictConfig, key: str, allow_null: bool) -> None:
+    value = cfg
+    for part in key.split("."):
+        value = value.get(part) if value is not None else None
+    if value is None and allow_null:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "a positive integer or null" if allow_null else "a positive integer"
+        raise ConfigError(f"{key}={value!r} is invalid: it must be {allowed}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError (or ValueError from the model registry) for the first bad value found."""
+    _positive_int_or_null(cfg, "data.batch_size", allow_null=False)
+    _positive_int_or_null(cfg, "trainer.max_steps", allow_null=False)
+    _positive_int_or_null(cfg, "grad_cache.chunk_size", allow_null=True)
+    if "chunk_size" in cfg.loss:
+        _positive_int_or_null(cfg, "loss.chunk_size", allow_null=True)
+    check_model_name(cfg.model.name)
+    check_pretrained(cfg.model.pretrained)
+
+    chunk = cfg.grad_cache.chunk_size
+    if chunk is not None and str(cfg.trainer.get("precision")).startswith("16"):
+        raise ConfigError(
+            f"grad_cache.chunk_size={chunk} with trainer.precision={cfg.trainer.precision}: fp16 loss "
+            "scaling and cached embedding gradients do not compose; use bf16-mixed or 32-true"
+        )
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if chunk is not None and ("deepspeed" in strategy or "fsdp" in strategy):
+        raise ConfigError(
+            f"grad_cache.chunk_size={chunk} with trainer.strategy={strategy}: gradient caching "
+            "reduces gradients itself once per step and supports the ddp strategy (and one device)"
+        )
+    if cfg.loss.get("_target_", "").endswith("SigLipLoss") and "init_logit_bias" not in (
+        cfg.model.get("kwargs") or {}
+    ):
+        raise ConfigError(
+            "loss=siglip needs a learnable logit bias: add "
+            "model.kwargs='{init_logit_bias: -10, init_logit_scale: 2.3026}'"
+        )

@@ -1,0 +1,296 @@
+"""Write webdataset shards from captioned images, and list shards for reading.
+
+    python -m clipscale.data.shards --images DIR --output OUT
+    python -m clipscale.data.shards --table pairs.parquet --path-column url --caption-column text \
+        --output OUT --samples-per-shard 10000 --resize 256 --workers 8
+
+Each sample becomes `KEY.EXT` (the image, its original bytes unless resized), `KEY.txt` (the
+caption, stripped) and `KEY.json` (source path and size) in `OUT/shard-NNNNNN.tar`; KEY is the
+input's row number. `OUT/sizes.json` maps each shard file name to its sample count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+from webdataset.shardlists import expand_urls
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are
+SIZES_FILE = "sizes.json"
+
+
+def _local_path(url: str) -> str | None:
+    """The file path of a local shard url, None for pipe:/remote urls."""
+    if url.startswith("file:"):
+        return url.removeprefix("file://").removeprefix("file:")
+    return None if url.startswith("pipe:") or "://" in url else url
+
+
+def expand_shards(pattern: str, key: str = "shards") -> list[str]:
+    """Urls of a shard pattern: braces expanded, local globs matched; raise if nothing matches."""
+    urls = []
+    for url in expand_urls(pattern):
+        path = _local_path(url)
+        if path is not None and any(c in path for c in "*?["):
+            urls.extend(sorted(glob.glob(path)))
+        else:
+            urls.append(url)
+    local = [p for p in map(_local_path, urls) if p is not None]
+    missing = [p for p in local if not os.path.isfile(p)]
+    if not urls or (local and len(missing) == len(local)):
+        raise FileNotFoundError(
+            f"{key}={pattern!r} matches no shard file; give existing .tar paths as a brace "
+            "pattern such as /data/shard-{000000..000099}.tar, or a pipe: command"
+        )
+    if missing:
+        log.warning(
+            "%s: %d of %d shards do not exist (first %r); each read of one counts as unopenable_shard",
+            key,
+            len(missing),
+            len(local),
+            missing[0],
+        )
+    return urls
+
+
+def read_sizes(urls: list[str], key: str = "shards") -> int:
+    """Total sample count of `urls` from the sizes.json files beside them."""
+    sizes_by_folder: dict[str, dict] = {}
+    total = 0
+    for url in urls:
+        path = _local_path(url)
+        if path is None:
+            raise ValueError(
+                f"{key}: cannot read {SIZES_FILE} beside the remote shard {url!r}; set "
+                "data.samples_per_epoch=N (samples per epoch over all ranks)"
+            )
+        folder, name = os.path.split(path)
+        if folder not in sizes_by_folder:
+            sizes_path = os.path.join(folder, SIZES_FILE)
+            if not os.path.isfile(sizes_path):
+                raise ValueError(
+                    f"{key}: no {sizes_path}; set data.samples_per_epoch=N, or write the shards "
+                    "with python -m clipscale.data.shards (it writes sizes.json)"
+                )
+            with open(sizes_path) as file:
+                sizes_by_folder[folder] = json.load(file)
+        if name not in sizes_by_folder[folder]:
+            raise ValueError(f"{key}: {name!r} is not listed in {folder}/{SIZES_FILE}")
+        total += int(sizes_by_folder[folder][name])
+    return total
+
+
+def pairs_from_folder(folder: Path) -> Iterator[tuple[str, str | None]]:
+    """(image path, caption or None) for every image under `folder`, in sorted path order."""
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            caption_path = path.with_suffix(".txt")
+            caption = caption_path.read_text("utf-8") if caption_path.is_file() else None
+            yield str(path), caption
+
+
+def pairs_from_table(table: Path, path_column: str, caption_column: str, image_root: Path | None):
+    """(image path, caption) rows of a CSV/TSV/parquet file; relative paths from `image_root`."""
+    import pandas as pd  # only the table input needs pandas
+
+    suffix = table.suffix.lower()
+    if suffix == ".parquet":
+        frame = pd.read_parquet(table)
+    elif suffix in (".csv", ".tsv"):
+        frame = pd.read_csv(
+            table, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False
+        )
+    else:
+        raise ValueError(f"--table {table}: expected a .csv, .tsv or .parquet file")
+    for option, column in [("--path-column", path_column), ("--caption-column", caption_column)]:
+        if column not in frame.columns:
+            raise ValueError(
+                f"{option} {column!r} is not a column of {table}; it has {list(frame.columns)}"
+            )
+    root = image_root or table.parent
+    for path, caption in zip(frame[path_column], frame[caption_column], strict=True):
+        yield str(root / str(path)), (None if caption is None else str(caption))
+
+
+def encode_sample(job: tuple[int, str, str | None, int | None]) -> tuple[int, dict | None, str]:
+    """Load, check and (optionally) shrink one image: (index, members or None, reason skipped)."""
+    index, path, caption, resize = job
+    if caption is None or not caption.strip():
+        return index, None, f"{path}: no caption"
+    try:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # a full decode: truncated files fail here, not in training
+            width, height = image.size
+            ext = KEPT_FORMATS.get(image.format, "png")
+            if (resize and min(width, height) > resize) or image.format not in KEPT_FORMATS:
+                data = _reencoded(image, ext, resize)
+    except Exception as error:  # unreadable file or anything PIL cannot decode: leave it out
+        return index, None, f"{path}: {error}"
+    meta = {"source": path, "width": width, "height": height}
+    return (
+        index,
+        {ext: data, "txt": caption.strip().encode(), "json": json.dumps(meta).encode()},
+        "",
+    )
+
+
+def _reencoded(image: Image.Image, ext: str, resize: int | None) -> bytes:
+    """The image in format `ext`, its shorter side scaled down to `resize` if given."""
+    if resize and min(image.size) > resize:
+        scale = resize / min(image.size)
+        size = (max(resize, round(image.width * scale)), max(resize, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if ext == "jpg" and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")  # JPEG stores neither alpha nor palettes
+    buffer = io.BytesIO()
+    image.save(buffer, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext], quality=95)
+    return buffer.getvalue()
+
+
+class ShardWriter:
+    """Writes members to numbered tar shards of `samples_per_shard` samples each."""
+
+    def __init__(self, output: Path, samples_per_shard: int) -> None:
+        self.output, self.samples_per_shard = output, samples_per_shard
+        self.sizes: dict[str, int] = {}
+        self.tar: tarfile.TarFile | None = None
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        """Append one sample, starting a new shard when the current one is full."""
+        if self.tar is None or self.sizes[self.name] == self.samples_per_shard:
+            self._close_shard()
+            self.name = f"shard-{len(self.sizes):06d}.tar"
+            # Written under a temporary name so that an interrupted run leaves no valid-looking shard.
+            self.tar = tarfile.open(
+                self.output / f"{self.name}.partial", "w", format=tarfile.GNU_FORMAT
+            )
+            self.sizes[self.name] = 0
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mode = len(data), 0o444
+            self.tar.addfile(info, io.BytesIO(data))
+        self.sizes[self.name] += 1
+
+    def _close_shard(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            os.replace(self.output / f"{self.name}.partial", self.output / self.name)
+
+    def close(self) -> dict[str, int]:
+        """Finish the last shard and write sizes.json; returns {shard name: sample count}."""
+        self._close_shard()
+        (self.output / SIZES_FILE).write_text(json.dumps(self.sizes, indent=1) + "\n")
+        return self.sizes
+
+
+def write_shards(pairs, output: Path, samples_per_shard: int, resize: int | None, workers: int):
+    """Write (path, caption) pairs to shards in `output`; returns (sizes, skipped reasons)."""
+    output.mkdir(parents=True, exist_ok=True)
+    if any(output.glob("*.tar")):
+        raise FileExistsError(
+            f"--output {output} already holds .tar shards; choose an empty folder"
+        )
+    pairs = list(pairs)
+    key_width = max(9, len(str(len(pairs))))
+    jobs = [(index, path, caption, resize) for index, (path, caption) in enumerate(pairs)]
+    writer, skipped = ShardWriter(output, samples_per_shard), []
+    # imap keeps input order, so keys, shards and sizes.json do not depend on --workers.
+    with multiprocessing.Pool(workers) if workers > 1 else _InProcess() as pool:
+        for index, members, reason in tqdm(
+            pool.imap(encode_sample, jobs, chunksize=16), total=len(jobs), desc="shards", unit="img"
+        ):
+            if members is None:
+                log.warning("left out %s", reason)
+                skipped.append(reason)
+            else:
+                writer.add(f"{index:0{key_width}d}", members)
+    if not writer.sizes:
+        raise ValueError(f"no usable image/caption pair among {len(jobs)} inputs; nothing written")
+    return writer.close(), skipped
+
+
+class _InProcess:
+    """The Pool interface for --workers 1, without starting processes."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        return None
+
+    def imap(self, function, iterable, chunksize: int = 1):
+        """Apply `function` lazily in this process."""
+        return map(function, iterable)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: write shards from an image folder or a table of (path, caption)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m clipscale.data.shards", description=__doc__.split("\n")[0]
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="folder of images, each with a same-named .txt")
+    source.add_argument(
+        "--table", type=Path, help="CSV, TSV or parquet file of image paths and captions"
+    )
+    parser.add_argument("--path-column", default="path", help="table column of image paths")
+    parser.add_argument("--caption-column", default="caption", help="table column of captions")
+    parser.add_argument(
+        "--image-root", type=Path, help="base of relative table paths (default: the table's folder)"
+    )
+    parser.add_argument(
+        "--output", type=Path, required=True, help="folder for the shards and sizes.json"
+    )
+    parser.add_argument("--samples-per-shard", type=int, default=10000)
+    parser.add_argument(
+        "--resize", type=int, help="scale images down so the shorter side is this many pixels"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="decoding processes"
+    )
+    args = parser.parse_args(argv)
+    for option, value in [
+        ("--samples-per-shard", args.samples_per_shard),
+        ("--workers", args.workers),
+        ("--resize", args.resize or 1),
+    ]:
+        if value < 1:
+            parser.error(f"{option} {value}: expected a positive integer")
+    if args.images is not None:
+        if not args.images.is_dir():
+            parser.error(f"--images {args.images}: not a folder")
+        pairs = pairs_from_folder(args.images)
+    else:
+        pairs = pairs_from_table(args.table, args.path_column, args.caption_column, args.image_root)
+    sizes, skipped = write_shards(
+        pairs, args.output, args.samples_per_shard, args.resize, args.workers
+    )
+    print(
+        f"wrote {sum(sizes.values())} samples in {len(sizes)} shards to {args.output}; left out {len(skipped)}"
+    )
+    if skipped:
+        print(
+            "left out:\n  " + "\n  ".join(skipped[:20]) + ("\n  ..." if len(skipped) > 20 else ""),
+            file=sys.stderr,
+        )
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    main()

@@ -1,0 +1,161 @@
+"""Procedurally drawn captioned images: the embedded demo's data, no files or downloads needed.
+
+Each sample is a shape (circle, square, triangle, cross) of a named colour, drawn at a random
+position and size on a plain background, with a caption that names colour and shape among other
+details. A sample is a pure function of (seed, split, index), so every run, rank and worker sees
+the same data. The class of a sample is "<colour> <shape>" (24 classes) for the zero-shot check.
+"""
+
+from __future__ import annotations
+
+import random
+
+import lightning as L
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset
+
+from clipscale.models import build_tokenizer, build_transforms
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {
+    "red": (215, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (45, 80, 215),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 185),
+    "orange": (240, 135, 25),
+}
+BACKGROUNDS = {"white": (245, 245, 245), "grey": (128, 128, 128), "black": (15, 15, 15)}
+POSITIONS = ("top left", "top right", "bottom left", "bottom right", "centre")
+CLASSNAMES = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
+TEMPLATES = ("a photo of a {c}.", "a drawing of a {c}.", "a {c}.")
+CAPTIONS = (
+    "a {size} {colour} {shape} in the {position}",
+    "a {colour} {shape} on a {background} background",
+    "a drawing of a {colour} {shape}",
+    "there is a {size} {colour} {shape} near the {position}",
+    "{colour} {shape}, {size}, {background} background",
+    "a photo of a {colour} {shape}.",
+)
+SPLITS = {"train": 0, "val": 1}
+CANVAS = 64  # drawn larger than the tiny model's 32 px input so the resize gives smooth edges
+
+
+def _centre(position: str, radius: int, rng: random.Random) -> tuple[int, int]:
+    low, high = radius + 1, CANVAS - radius - 1
+    middle = CANVAS // 2
+    if position == "centre":
+        return middle + rng.randint(-4, 4), middle + rng.randint(-4, 4)
+    x = rng.randint(low, middle) if "left" in position else rng.randint(middle, high)
+    y = rng.randint(low, middle) if "top" in position else rng.randint(middle, high)
+    return x, y
+
+
+def draw_sample(seed: int, split: str, index: int) -> tuple[Image.Image, str, int]:
+    """(image, caption, class index) for one sample, deterministic in its arguments."""
+    rng = random.Random(f"{seed}/{split}/{index}")
+    shape = rng.choice(SHAPES)
+    colour = rng.choice(tuple(COLOURS))
+    background = rng.choice(tuple(BACKGROUNDS))
+    position = rng.choice(POSITIONS)
+    size = rng.choice(("small", "large"))
+    radius = rng.randint(7, 11) if size == "small" else rng.randint(15, 20)
+    x, y = _centre(position, radius, rng)
+
+    image = Image.new("RGB", (CANVAS, CANVAS), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    fill = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[colour])
+    box = (x - radius, y - radius, x + radius, y + radius)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon(
+            [(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=fill
+        )
+    else:
+        arm = max(2, radius // 3)
+        draw.rectangle((x - radius, y - arm, x + radius, y + arm), fill=fill)
+        draw.rectangle((x - arm, y - radius, x + arm, y + radius), fill=fill)
+
+    caption = rng.choice(CAPTIONS).format(
+        size=size, colour=colour, shape=shape, position=position, background=background
+    )
+    return image, caption, CLASSNAMES.index(f"{colour} {shape}")
+
+
+class SyntheticCaptions(Dataset):
+    """`length` samples of one split as dicts {"images", "texts", "labels"}."""
+
+    def __init__(self, length: int, split: str, seed: int, transform, tokenizer):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+        self.length, self.split, self.seed = length, split, seed
+        self.transform, self.tokenizer = transform, tokenizer
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image, caption, label = draw_sample(self.seed, self.split, index)
+        return {
+            "images": self.transform(image),  # [3, H, W]
+            "texts": self.tokenizer([caption])[0],  # [context_length]
+            "labels": torch.tensor(label),
+        }
+
+
+class SyntheticDataModule(L.LightningDataModule):
+    """The embedded demo's data: synthetic captioned shapes with a held-out split."""
+
+    classnames = CLASSNAMES
+    templates = TEMPLATES
+
+    def __init__(
+        self,
+        model_name: str,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        train_samples: int = 100_000,
+        val_samples: int = 1_024,
+        seed: int = 0,
+    ):
+        super().__init__()
+        for key, value in (
+            ("data.batch_size", batch_size),
+            ("data.train_samples", train_samples),
+            ("data.val_samples", val_samples),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+        self.model_name, self.batch_size, self.num_workers = model_name, batch_size, num_workers
+        self.train_samples, self.val_samples, self.seed = train_samples, val_samples, seed
+
+    def dataset(self, split: str) -> SyntheticCaptions:
+        """The train (augmenting transform) or val (deterministic transform) split."""
+        length = self.train_samples if split == "train" else self.val_samples
+        transform = build_transforms(self.model_name, is_train=split == "train")
+        return SyntheticCaptions(
+            length, split, self.seed, transform, build_tokenizer(self.model_name)
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, drop_last; Lightning swaps in a DistributedSampler under DDP."""
+        return DataLoader(
+            self.dataset("train"),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """The held-out split in order."""
+        return DataLoader(
+            self.dataset("val"), batch_size=self.batch_size, num_workers=self.num_workers
+        )

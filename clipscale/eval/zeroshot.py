@@ -1,0 +1,183 @@
+"""Zero-shot classification with a prompt-template ensemble, computed as clip_benchmark does.
+
+A class embedding is the normalised mean of its normalised template embeddings; an image's class
+is the one whose embedding has the highest cosine with the image's. Counts (not per-rank
+accuracies) are summed over ranks, so a sharded run reports exactly the single-process numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from clipscale.eval.coder import (
+    neighbour_fewshot_logits,
+    neighbour_zeroshot_logits,
+    split_support_query,
+)
+from clipscale.eval.datasets import (
+    EvalDatasetInfo,
+    all_gather_rows,
+    all_reduce_sum,
+    eval_loader,
+    rank_and_world_size,
+)
+
+
+@torch.no_grad()
+def template_embeddings(model, tokenizer, classnames, templates, device="cpu") -> torch.Tensor:
+    """Normalised embeddings [C, T, D] of every template filled with every class name."""
+    per_class = []
+    for classname in classnames:
+        texts = tokenizer([template.format(c=classname) for template in templates]).to(device)
+        per_class.append(F.normalize(model.encode_text(texts), dim=-1))  # [T, D]
+    return torch.stack(per_class)
+
+
+@torch.no_grad()
+def zeroshot_classifier(model, tokenizer, classnames, templates, device="cpu") -> torch.Tensor:
+    """Class embeddings [D, C]: the normalised mean of each class's normalised template embeddings."""
+    embeddings = template_embeddings(model, tokenizer, classnames, templates, device)  # [C, T, D]
+    return F.normalize(embeddings.mean(dim=1), dim=-1).T
+
+
+@torch.no_grad()
+def zeroshot_logits(model, classifier, images) -> torch.Tensor:
+    """Scores [B, C] of a batch of images against the class embeddings."""
+    image_features = F.normalize(model.encode_image(images), dim=-1)  # [B, D]
+    return image_features @ classifier
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-sample bool [B]: is the target among the k highest scores (ties count as misses)."""
+    target_scores = logits.gather(1, targets[:, None])  # [B, 1]
+    # the target's rank when every tied class is placed before it, so a constant score is wrong
+    rank = (logits >= target_scores).sum(dim=1)
+    return rank <= min(k, logits.shape[1])
+
+
+def accuracy_from_counts(totals: torch.Tensor, hits: torch.Tensor, classnames) -> dict:
+    """top-1 style metrics from per-class sample counts [C] and correct counts [C]."""
+    present = totals > 0
+    per_class = hits[present].double() / totals[present]
+    return {
+        "accuracy": (hits.sum().double() / totals.sum()).item(),
+        # clip_benchmark's mean_per_class_recall: the classes that occur in the labels
+        "mean_per_class": per_class.mean().item(),
+        "per_class": {
+            classnames[c]: (hits[c].double() / totals[c]).item()
+            for c in torch.nonzero(present).flatten()
+        },
+    }
+
+
+def _check_targets(targets: torch.Tensor, num_classes: int, name: str) -> None:
+    if targets.numel() and (targets.min() < 0 or targets.max() >= num_classes):
+        raise ValueError(
+            f"dataset {name!r}: label {targets.max().item()} outside 0..{num_classes - 1}; "
+            f"classnames.txt lists {num_classes} classes, one per label"
+        )
+
+
+@torch.no_grad()
+def evaluate_zeroshot(
+    model,
+    tokenizer,
+    transform,
+    info: EvalDatasetInfo,
+    batch_size: int,
+    device="cpu",
+    coder_k: int | None = None,
+    coder_shots: int | None = None,
+    **loader_kw,
+) -> dict:
+    """top1/top5, mean per-class recall, per-class top-1, and optionally the CODER accuracies.
+
+    With `coder_k`, images are also classified by their cross-modal neighbour features (see
+    clipscale.eval.coder): `coder_top1` beside `top1`; with `coder_shots` too, the first that
+    many images of each class are the few-shot support and the rest are scored both ways.
+    """
+    if coder_shots is not None and coder_k is None:
+        raise ValueError(
+            "coder_shots needs coder_k (the number of neighbour texts), got coder_k=None"
+        )
+    rank, world_size = rank_and_world_size()
+    num_classes = len(info.classnames)
+    bank = template_embeddings(model, tokenizer, info.classnames, info.templates, device)
+    classifier = F.normalize(bank.mean(dim=1), dim=-1).T  # [D, C]
+    text_bank = bank.flatten(0, 1)  # [C*T, D]
+    bank_class = torch.arange(num_classes, device=device).repeat_interleave(bank.shape[1])
+    counts = torch.zeros(4, num_classes, dtype=torch.long)  # rows: samples, top1, top5, coder
+    kept = []
+    loader = eval_loader(
+        info.shards, transform, False, batch_size, rank=rank, world_size=world_size, **loader_kw
+    )
+    for indices, images, targets in loader:
+        targets = torch.tensor(targets)
+        _check_targets(targets, num_classes, info.name)
+        image_features = F.normalize(model.encode_image(images.to(device)), dim=-1).cpu()
+        logits = image_features @ classifier.cpu()  # [B, C]
+        rows = [torch.ones_like(targets, dtype=torch.bool)]
+        rows += [topk_correct(logits, targets, 1), topk_correct(logits, targets, 5)]
+        if coder_k is not None:
+            coder_logits = neighbour_zeroshot_logits(
+                image_features, text_bank.cpu(), bank_class.cpu(), num_classes, coder_k
+            )
+            rows.append(topk_correct(coder_logits, targets, 1))
+        for row, correct in enumerate(rows):
+            counts[row].index_add_(0, targets, correct.long())
+        if coder_shots is not None:
+            kept.append(torch.cat([indices[:, None], targets[:, None], image_features], dim=1))
+    counts = all_reduce_sum(counts)
+    if counts[0].sum() == 0:
+        raise ValueError(f"zero-shot dataset {str(info.root)!r} has no samples")
+    top1 = accuracy_from_counts(counts[0], counts[1], info.classnames)
+    metrics = {
+        "top1": top1["accuracy"],
+        # with fewer than 5 classes every target is in the top 5: top5 is then 1.0
+        "top5": (counts[2].sum().double() / counts[0].sum()).item(),
+        "mean_per_class_recall": top1["mean_per_class"],
+        "num_samples": int(counts[0].sum()),
+        "per_class_top1": top1["per_class"],
+    }
+    if coder_k is not None:
+        metrics["coder_top1"] = (counts[3].sum().double() / counts[0].sum()).item()
+    if coder_shots is not None:
+        metrics.update(
+            _fewshot(
+                kept,
+                classifier.cpu(),
+                text_bank.cpu(),
+                bank_class.cpu(),
+                num_classes,
+                coder_k,
+                coder_shots,
+            )
+        )
+    return metrics
+
+
+def _fewshot(kept, classifier, text_bank, bank_class, num_classes, coder_k, shots) -> dict:
+    width = classifier.shape[0] + 2
+    rows = torch.cat(kept) if kept else torch.zeros(0, width)
+    rows = all_gather_rows(rows)
+    rows = rows[rows[:, 0].argsort()]  # dataset order, the same on every rank
+    targets, image_features = rows[:, 1].long(), rows[:, 2:]
+    support, query = split_support_query(targets, shots, num_classes)
+    fewshot_logits = neighbour_fewshot_logits(
+        image_features[support],
+        targets[support],
+        image_features[query],
+        text_bank,
+        num_classes,
+        coder_k,
+    )
+    plain_logits = image_features[query] @ classifier
+    return {
+        "coder_fewshot_top1": topk_correct(fewshot_logits, targets[query], 1)
+        .double()
+        .mean()
+        .item(),
+        "fewshot_query_top1": topk_correct(plain_logits, targets[query], 1).double().mean().item(),
+        "fewshot_shots": shots,
+    }

@@ -1,0 +1,123 @@
+"""CLIPModule: one open_clip model, trained with a contrastive loss over the global batch.
+
+Manual optimisation, because one optimizer step may hold several backward passes (gradient
+caching). Per step: encode the per-rank batch, all-gather the embeddings inside the loss, backward,
+(with grad caching: one gradient all-reduce for the step), clip, step, clamp the logit scale.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from torch.nn.parallel import DistributedDataParallel
+
+from clipscale.distributed import all_reduce_gradients, all_reduce_sum, world_size
+from clipscale.gradcache import cached_backward, encode, logit_params
+from clipscale.models import build_model
+from clipscale.optim import parameter_groups, warmup_cosine
+
+MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learnable temperature at 1/100
+
+
+class CLIPModule(L.LightningModule):
+    """LightningModule around an open_clip CLIP model (see module docstring for the step)."""
+
+    def __init__(self, model: dict, loss: dict, optim: dict, grad_cache: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.model = build_model(
+            model["name"],
+            pretrained=model.get("pretrained"),
+            grad_checkpointing=model.get("grad_checkpointing", False),
+            patch_dropout=model.get("patch_dropout"),
+            **dict(model.get("kwargs") or {}),
+        )
+        self.loss_fn = instantiate(loss)
+        self.chunk_size = (grad_cache or {}).get("chunk_size")
+        self.max_logit_scale = model.get("max_logit_scale", MAX_LOGIT_SCALE)
+        self._last_step_start: float | None = None
+        self._skipped_total = 0
+
+    # --- encoders -------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor, texts: torch.Tensor):
+        """L2-normalised (image_features [B, D], text_features [B, D])."""
+        return encode(self.model, images, texts)
+
+    # --- the step -------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        """With grad caching, DDP must not all-reduce after every backward: we do it once per step."""
+        wrapped = self.trainer.strategy.model
+        if self.chunk_size is not None and isinstance(wrapped, DistributedDataParallel):
+            wrapped.require_backward_grad_sync = False
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """One optimizer step on this rank's part of the global contrastive batch."""
+        images, texts = batch["images"], batch["texts"]  # [B, 3, H, W], [B, L]
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad(set_to_none=True)
+
+        if self.chunk_size is None:
+            loss = self.loss_fn(*self.encode(images, texts), *logit_params(self.model))
+            self.manual_backward(loss)  # DDP averages the gradients here
+            loss = loss.detach()
+        else:
+            loss = cached_backward(
+                self.model, images, texts, self.loss_fn, self.chunk_size, self.manual_backward
+            )
+            all_reduce_gradients(self.parameters())
+
+        grad_clip = self.hparams.optim.get("grad_clip_norm")
+        if grad_clip:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm"
+            )
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, self.max_logit_scale)
+
+        self._log_step(loss, batch)
+        return loss
+
+    def _log_step(self, loss: torch.Tensor, batch: dict) -> None:
+        global_batch = batch["images"].shape[0] * world_size()
+        logit_scale = self.model.logit_scale.detach().exp()
+        metrics = {
+            "train/loss": loss,
+            "train/logit_scale": logit_scale,
+            "train/temperature": 1.0 / logit_scale,
+            "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
+            "train/global_batch_size": torch.tensor(float(global_batch)),
+        }
+        now = time.perf_counter()
+        if self._last_step_start is not None:
+            metrics["train/samples_per_second"] = torch.tensor(
+                global_batch / (now - self._last_step_start)
+            )
+        self._last_step_start = now
+        if "skipped" in batch:
+            local = sum(int(count) for count in batch["skipped"].values())
+            self._skipped_total += int(all_reduce_sum(torch.tensor(local, device=self.device)))
+            metrics["train/skipped_samples"] = torch.tensor(float(self._skipped_total))
+        self.log_dict(metrics, prog_bar=False, rank_zero_only=True)
+        self.log("loss", loss, prog_bar=True, logger=False, rank_zero_only=True)
+
+    # --- optimisers -----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        """AdamW (or the configured optimizer) over CLIP's parameter groups; warmup then cosine."""
+        optim = self.hparams.optim
+        optimizer = instantiate(optim["optimizer"])(
+            parameter_groups(self.model, optim["optimizer"].get("weight_decay", 0.0))
+        )
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        schedule = warmup_cosine(optim["warmup_steps"], total_steps, optim.get("min_lr_ratio", 0.0))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
