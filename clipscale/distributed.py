@@ -30,7 +30,9 @@ class _GatherWithGrad(torch.autograd.Function):
         tensor = tensor.contiguous()
         ctx.batch = tensor.shape[0]
         gathered = tensor.new_empty((world_size() * tensor.shape[0], *tensor.shape[1:]))
-        dist.all_gather_into_tensor(gathered, tensor)
+        dist.all_gather_single(gathered, tensor) if hasattr(
+            dist, "all_gather_single"
+        ) else dist.all_gather_into_tensor(gathered, tensor)
         return gathered  # [P*B, D]
 
     @staticmethod

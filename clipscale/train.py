@@ -12,7 +12,7 @@ Launch commands (every key is a Hydra override; see configs/):
 
 from __future__ import annotations
 
-import logging
+import json
 import subprocess
 from pathlib import Path
 
@@ -28,7 +28,6 @@ from clipscale.config import validate_config
 from clipscale.module import CLIPModule
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-log = logging.getLogger(__name__)
 
 
 def git_sha() -> str:
@@ -129,6 +128,7 @@ def train(cfg: DictConfig) -> dict:
         summary["zeroshot_top1"] = demo_zeroshot_accuracy(module, datamodule)
         summary["zeroshot_chance"] = 1 / len(datamodule.classnames)
     if trainer.is_global_zero:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_summary(summary, trainer)
     return summary
 
@@ -139,6 +139,7 @@ def print_summary(summary: dict, trainer: L.Trainer) -> None:
         f"run dir     {summary['output_dir']}",
         f"checkpoint  {summary['checkpoint']}",
         f"config      {Path(summary['output_dir']) / '.hydra' / 'config.yaml'}",
+        f"summary     {Path(summary['output_dir']) / 'summary.json'}",
     ]
     lines += [f"logs        {logger.log_dir or logger.save_dir}" for logger in trainer.loggers]
     lines.append(

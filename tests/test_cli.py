@@ -1,0 +1,90 @@
+"""The CLI end to end: the default demo trains, learns, logs, checkpoints and resumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import run_cli
+
+
+def wandb_history_keys(run_dir: Path) -> set[str]:
+    """Metric names in the history records of the offline wandb run under `run_dir`."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    store = datastore.DataStore()
+    store.open_for_scan(str(run_file))
+    keys = set()
+    while (data := store.scan_data()) is not None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "history":
+            keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
+    return keys
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    """The default demo exactly as `make train` runs it (no overrides but the run directory)."""
+    run_dir = tmp_path_factory.mktemp("demo")
+    result = run_cli(f"paths.output_dir={run_dir}", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "clipscale run finished" in result.stdout
+    return run_dir
+
+
+def test_demo_writes_checkpoint_resolved_config_and_summary(demo_run):
+    assert (demo_run / "checkpoints" / "last.ckpt").stat().st_size > 1_000_000
+    config = OmegaConf.load(demo_run / ".hydra" / "config.yaml")
+    assert config.model.name == "clipscale-tiny"
+    assert config.paths.output_dir == str(demo_run)
+    summary = json.loads((demo_run / "summary.json").read_text())
+    assert summary["steps"] == config.trainer.max_steps
+    assert summary["global_batch"] == config.data.batch_size
+
+
+def test_demo_logs_temperature_to_offline_wandb(demo_run):
+    keys = wandb_history_keys(demo_run)
+    expected = {"train/loss", "train/temperature", "train/logit_scale", "train/lr"}
+    assert expected <= keys, f"missing {expected - keys}"
+    assert "train/samples_per_second" in keys
+
+
+def test_demo_learns_zero_shot_at_least_three_times_chance(demo_run):
+    summary = json.loads((demo_run / "summary.json").read_text())
+    assert summary["zeroshot_top1"] >= 3 * summary["zeroshot_chance"], summary
+    assert summary["loss"] < 4.0  # ln(128) = 4.85 is the loss of an untrained model
+
+
+def read_csv_metrics(run_dir: Path) -> list[dict]:
+    (metrics,) = run_dir.glob("csv/version_*/metrics.csv")
+    with metrics.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_resume_continues_the_step_count(demo_run, tmp_path):
+    summary = json.loads((demo_run / "summary.json").read_text())
+    resumed_steps = summary["steps"] + 5
+    result = run_cli(
+        f"ckpt_path={demo_run / 'checkpoints' / 'last.ckpt'}",
+        f"trainer.max_steps={resumed_steps}",
+        "logger=csv",
+        "eval.demo_zeroshot=false",
+        f"paths.output_dir={tmp_path}",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == resumed_steps
+    logged_steps = sorted(
+        int(row["step"]) for row in read_csv_metrics(tmp_path) if row["train/loss"]
+    )
+    # Only the 5 new steps ran, numbered after the checkpoint's, with the temperature it had learned.
+    assert len(logged_steps) == 5 and logged_steps[0] >= summary["steps"]
+    first = next(row for row in read_csv_metrics(tmp_path) if row["train/temperature"])
+    assert abs(float(first["train/temperature"]) - summary["temperature"]) < 0.01

@@ -1,0 +1,78 @@
+"""Every shipped config composes; bad values stop the run at start with a message naming them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+from clipscale.config import ConfigError, validate_config
+from clipscale.train import CONFIG_DIR, build_module
+from tests.conftest import run_cli
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(compose_config, tmp_path, experiment):
+    cfg = compose_config([f"+experiment={experiment}", f"paths.output_dir={tmp_path}"])
+    validate_config(cfg)
+    assert cfg.data.batch_size >= 1 and cfg.trainer.max_steps >= 1
+    with open_dict(cfg):
+        del cfg["hydra"]  # hydra's own keys resolve only inside a real run
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation of ours resolves
+
+
+def test_demo_defaults_build_module_and_datamodule(compose_config, tmp_path):
+    cfg = compose_config([f"paths.output_dir={tmp_path}"])
+    module = build_module(cfg)
+    datamodule = instantiate(cfg.data)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["images"].shape == (cfg.data.batch_size, 3, 32, 32)
+    assert batch["texts"].shape == (cfg.data.batch_size, 32)
+    assert module.hparams.model["name"] == "clipscale-tiny"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.batch_size=0", r"data.batch_size=0 is invalid: it must be a positive integer"),
+        ("trainer.max_steps=-1", r"trainer.max_steps=-1 is invalid"),
+        ("grad_cache.chunk_size=0", r"grad_cache.chunk_size=0 is invalid"),
+        ("model.name=ViT-B-33", r"model.name='ViT-B-33' is not an open_clip architecture"),
+        (
+            "model.pretrained=/nonexistent.pt",
+            r"model.pretrained='/nonexistent.pt' is not a local file",
+        ),
+        ("loss=siglip", r"loss=siglip needs a learnable logit bias"),
+    ],
+)
+def test_bad_values_fail_validation_with_named_key(compose_config, tmp_path, override, message):
+    cfg = compose_config([override, f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=message):
+        validate_config(cfg)
+
+
+def test_grad_cache_refuses_fp16(compose_config, tmp_path):
+    cfg = compose_config(
+        ["grad_cache.chunk_size=8", "trainer.precision=16-mixed", f"paths.output_dir={tmp_path}"]
+    )
+    with pytest.raises(ConfigError, match="fp16 loss scaling"):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_step=3", "Key 'max_step' is not in struct"),
+        ("logger=nosuchlogger", "Could not find 'logger/nosuchlogger'"),
+        ("data.batch_size=0", "data.batch_size=0 is invalid"),
+    ],
+)
+def test_cli_stops_at_start_on_bad_config(tmp_path, override, message):
+    result = run_cli(override, f"paths.output_dir={tmp_path}", timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert not (tmp_path / "checkpoints").exists()
