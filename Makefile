@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q $(TORCH)
-	$(PYTHON) -m pip install -q -e '.[dev]'
+	$(PYTHON) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 train: install ## train the embedded demo on CPU (extra Hydra overrides: make train ARGS="...")
@@ -41,7 +41,7 @@ format: install ## ruff format and autofix
 	$(VENV)/bin/ruff check --fix clipscale tests benchmarks
 
 docker: ## build the GPU image (needs a Docker engine)
-	docker build -f docker/Dockerfile -t clipscale:latest .
+	docker build -f docker/Dockerfile -t clipscale .
 
 clean: ## remove the venv and run outputs
 	rm -rf $(VENV) runs outputs

@@ -42,7 +42,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"grad_cache.chunk_size={chunk} with trainer.precision={cfg.trainer.precision}: fp16 loss "
             "scaling and cached embedding gradients do not compose; use bf16-mixed or 32-true"
         )
-    strategy = str(cfg.trainer.get("strategy", "auto"))
+    strategy = str(cfg.trainer.get("strategy", "auto")).lower()
     if chunk is not None and ("deepspeed" in strategy or "fsdp" in strategy):
         raise ConfigError(
             f"grad_cache.chunk_size={chunk} with trainer.strategy={strategy}: gradient caching "

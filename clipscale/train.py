@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipscale.config import validate_config
 from clipscale.module import CLIPModule
+from clipscale.preemption import wandb_resume_kwargs
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -55,10 +56,13 @@ def build_module(cfg: DictConfig) -> CLIPModule:
     )
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """Lightning Trainer with the configured callbacks and loggers."""
+def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
+    """Lightning Trainer with the configured callbacks and loggers (a requeued run keeps its wandb id)."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    loggers = [
+        instantiate(c, **wandb_resume_kwargs(c, output_dir))
+        for c in (cfg.get("logger") or {}).values()
+    ]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
@@ -110,7 +114,7 @@ def train(cfg: DictConfig) -> dict:
 
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, output_dir)
     facts = log_run_facts(cfg, trainer, output_dir)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

@@ -9,6 +9,7 @@ the same data. The class of a sample is "<colour> <shape>" (24 classes) for the 
 from __future__ import annotations
 
 import random
+import zlib
 
 import lightning as L
 import torch
@@ -16,6 +17,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
 from clipscale.models import build_tokenizer, build_transforms
+from clipscale.preemption import resumable_sampler
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {
@@ -100,8 +102,12 @@ class SyntheticCaptions(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image, caption, label = draw_sample(self.seed, self.split, index)
+        # The random crop is part of the sample too: the same in every run, rank, worker and resume.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(f"{self.seed}/{self.split}/{index}".encode()))
+            pixels = self.transform(image)
         return {
-            "images": self.transform(image),  # [3, H, W]
+            "images": pixels,  # [3, H, W]
             "texts": self.tokenizer([caption])[0],  # [context_length]
             "labels": torch.tensor(label),
         }
@@ -144,11 +150,12 @@ class SyntheticDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, drop_last; Lightning swaps in a DistributedSampler under DDP."""
+        """Seeded shuffle split across ranks, drop_last; a resumed run continues at its batch."""
+        dataset = self.dataset("train")
         return DataLoader(
-            self.dataset("train"),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=resumable_sampler(dataset, self.batch_size, self.seed, self.trainer),
             drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

