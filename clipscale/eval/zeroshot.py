@@ -25,13 +25,19 @@ from clipscale.eval.datasets import (
 
 
 @torch.no_grad()
-def template_embeddings(model, tokenizer, classnames, templates, device="cpu") -> torch.Tensor:
+def template_embeddings(
+    model, tokenizer, classnames, templates, device="cpu", prompts_per_call: int = 1024
+) -> torch.Tensor:
     """Normalised embeddings [C, T, D] of every template filled with every class name."""
-    per_class = []
-    for classname in classnames:
-        texts = tokenizer([template.format(c=classname) for template in templates]).to(device)
-        per_class.append(F.normalize(model.encode_text(texts), dim=-1))  # [T, D]
-    return torch.stack(per_class)
+    prompts = [template.format(c=classname) for classname in classnames for template in templates]
+    # a few large encoder calls instead of one per class: C = 1000 classes is 1000 small calls
+    embeddings = [
+        F.normalize(
+            model.encode_text(tokenizer(prompts[i : i + prompts_per_call]).to(device)), dim=-1
+        )
+        for i in range(0, len(prompts), prompts_per_call)
+    ]
+    return torch.cat(embeddings).reshape(len(classnames), len(templates), -1)
 
 
 @torch.no_grad()

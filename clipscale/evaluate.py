@@ -1,0 +1,110 @@
+"""Evaluate a checkpoint: `python -m clipscale.evaluate checkpoint=PATH zeroshot=[DIR] retrieval=[DIR]`.
+
+Writes `<paths.output_dir>/metrics.json` = {dataset name: {metric: value}} and prints a table.
+Zero-shot datasets report `top1`, `top5` (fractions), `mean_per_class_recall`, `per_class_top1`
+(and `coder_*` with coder.k); retrieval datasets report `image_to_text_R@1/5/10`,
+`text_to_image_R@1/5/10`, mean/median ranks and the modality-gap metrics (clipscale.eval.geometry).
+    python -m clipscale.evaluate checkpoint=runs/demo/checkpoints/last.ckpt \
+        zeroshot=[eval/shapes] retrieval=[eval/captions] paths.output_dir=runs/demo/eval
+    python -m clipscale.evaluate checkpoint=ViT-B-32.pt model_name=ViT-B-32 zeroshot=[eval/cifar10]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from clipscale.eval.datasets import read_dataset_info
+from clipscale.eval.retrieval import evaluate_retrieval
+from clipscale.eval.zeroshot import evaluate_zeroshot
+from clipscale.models import build_tokenizer, build_transforms, load_clip_from_checkpoint
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+TABLE_KEYS = (
+    "top1",
+    "top5",
+    "coder_top1",
+    "coder_fewshot_top1",
+    "image_to_text_R@1",
+    "image_to_text_R@5",
+    "text_to_image_R@1",
+    "text_to_image_R@5",
+    "modality_gap",
+)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` = the first CUDA device if there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, dict]:
+    """Metrics of every configured dataset, keyed by dataset folder name."""
+    folders = [(root, "classification") for root in cfg.zeroshot]
+    folders += [(root, "retrieval") for root in cfg.retrieval]
+    if not folders:
+        raise ValueError("nothing to evaluate: give zeroshot=[DIR,...] and/or retrieval=[DIR,...]")
+    infos = []
+    for root, expected in folders:
+        info = read_dataset_info(root)
+        if info.dataset_type != expected:
+            listed = "zeroshot" if expected == "classification" else "retrieval"
+            raise ValueError(
+                f"{root!r} is a {info.dataset_type} dataset but is listed in {listed}="
+            )
+        infos.append(info)
+    names = [info.name for info in infos]
+    if len(set(names)) != len(names):
+        raise ValueError(f"dataset folder names must be distinct (they key metrics.json): {names}")
+
+    device = resolve_device(cfg.device)
+    model, model_name = load_clip_from_checkpoint(cfg.checkpoint, cfg.model_name)
+    model = model.to(device).eval()
+    tokenizer, transform = build_tokenizer(model_name), build_transforms(model_name, False)
+    loader_kw = {"num_workers": cfg.num_workers, "max_samples": cfg.max_samples}
+    results = {}
+    for info in infos:
+        if info.dataset_type == "classification":
+            results[info.name] = evaluate_zeroshot(
+                model, tokenizer, transform, info, cfg.batch_size, device,
+                coder_k=cfg.coder.k, coder_shots=cfg.coder.shots, **loader_kw,
+            )  # fmt: skip
+        else:
+            results[info.name] = evaluate_retrieval(
+                model, tokenizer, transform, info.shards, cfg.batch_size, device, **loader_kw
+            )
+    return results
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """The headline numbers of every dataset as an aligned text table."""
+    columns = [k for k in TABLE_KEYS if any(k in metrics for metrics in results.values())]
+    width = max(len("dataset"), *(len(name) for name in results))
+    lines = ["  ".join(["dataset".ljust(width), *(c.rjust(17) for c in columns)])]
+    for name, metrics in results.items():
+        cells = [f"{metrics[c]:.4f}".rjust(17) if c in metrics else "-".rjust(17) for c in columns]
+        lines.append("  ".join([name.ljust(width), *cells]))
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: evaluate, write metrics.json, print the table."""
+    results = evaluate(cfg)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"checkpoint {cfg.checkpoint}")
+    print(format_table(results))
+    print(f"metrics    {output_dir / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    main()
