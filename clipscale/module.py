@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from torch.nn.parallel import DistributedDataParallel
 
 from clipscale.distributed import all_reduce_gradients, all_reduce_sum, world_size
+from clipscale.flops import forward_flops_per_sample, peak_tflops, train_flops_per_sample
 from clipscale.gradcache import cached_backward, encode, logit_params
 from clipscale.models import build_model
 from clipscale.optim import parameter_groups, warmup_cosine
@@ -37,11 +38,17 @@ class CLIPModule(L.LightningModule):
             patch_dropout=model.get("patch_dropout"),
             **dict(model.get("kwargs") or {}),
         )
+        if model.get("compile"):
+            # In place (nn.Module.compile), so checkpoint keys stay those of the open_clip model.
+            self.model.visual.compile()
+            self.model.transformer.compile()
         self.loss_fn = instantiate(loss)
         self.chunk_size = (grad_cache or {}).get("chunk_size")
         self.max_logit_scale = model.get("max_logit_scale", MAX_LOGIT_SCALE)
         self._last_step_start: float | None = None
         self._skipped_total = 0
+        self._flops_per_sample = 0.0
+        self._peak_tflops: float | None = None
 
     # --- encoders -------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, texts: torch.Tensor):
@@ -54,6 +61,11 @@ class CLIPModule(L.LightningModule):
         wrapped = self.trainer.strategy.model
         if self.chunk_size is not None and isinstance(wrapped, DistributedDataParallel):
             wrapped.require_backward_grad_sync = False
+        forward = forward_flops_per_sample(
+            self.model, self.model.visual.image_size[0], self.model.context_length, self.device
+        )
+        self._flops_per_sample = train_flops_per_sample(forward, self.chunk_size is not None)
+        self._peak_tflops = peak_tflops(self.device)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One optimizer step on this rank's part of the global contrastive batch."""
@@ -96,9 +108,13 @@ class CLIPModule(L.LightningModule):
         }
         now = time.perf_counter()
         if self._last_step_start is not None:
-            metrics["train/samples_per_second"] = torch.tensor(
-                global_batch / (now - self._last_step_start)
-            )
+            samples_per_second = global_batch / (now - self._last_step_start)
+            # Achieved model TFLOP/s per device, and its fraction of the device's bf16 peak.
+            tflops = samples_per_second * self._flops_per_sample / world_size() / 1e12
+            metrics["train/samples_per_second"] = torch.tensor(samples_per_second)
+            metrics["train/tflops_per_device"] = torch.tensor(tflops)
+            if self._peak_tflops:
+                metrics["train/mfu"] = torch.tensor(tflops / self._peak_tflops)
         self._last_step_start = now
         if "skipped" in batch:
             local = sum(int(count) for count in batch["skipped"].values())

@@ -53,7 +53,7 @@ def test_demo_logs_temperature_to_offline_wandb(demo_run):
     keys = wandb_history_keys(demo_run)
     expected = {"train/loss", "train/temperature", "train/logit_scale", "train/lr"}
     assert expected <= keys, f"missing {expected - keys}"
-    assert "train/samples_per_second" in keys
+    assert {"train/samples_per_second", "train/tflops_per_device"} <= keys
 
 
 def test_demo_learns_zero_shot_at_least_three_times_chance(demo_run):
@@ -88,3 +88,55 @@ def test_resume_continues_the_step_count(demo_run, tmp_path):
     assert len(logged_steps) == 5 and logged_steps[0] >= summary["steps"]
     first = next(row for row in read_csv_metrics(tmp_path) if row["train/temperature"])
     assert abs(float(first["train/temperature"]) - summary["temperature"]) < 0.01
+
+
+def assert_two_rank_run(run_dir: Path, per_rank_batch: int) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["global_batch"] == 2 * per_rank_batch
+    logged = {
+        float(row["train/global_batch_size"])
+        for row in read_csv_metrics(run_dir)
+        if row["train/global_batch_size"]
+    }
+    assert logged == {2.0 * per_rank_batch}
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+TWO_RANK_ARGS = (
+    "trainer.max_steps=3",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "logger=csv",
+    "eval.every_n_steps=null",
+    "eval.demo_zeroshot=false",
+)
+
+
+def test_lightning_launches_two_cpu_ranks_with_a_doubled_global_batch(tmp_path):
+    result = run_cli(
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        *TWO_RANK_ARGS,
+        f"paths.output_dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "global batch 32 = 16 per rank × 2 ranks" in result.stdout + result.stderr
+    assert_two_rank_run(tmp_path, 16)
+
+
+def test_torchrun_launches_two_cpu_ranks_with_a_doubled_global_batch(tmp_path):
+    result = run_cli(
+        "--nproc_per_node=2",
+        "-m",
+        "clipscale.train",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        *TWO_RANK_ARGS,
+        f"paths.output_dir={tmp_path}",
+        module="torch.distributed.run",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_two_rank_run(tmp_path, 16)

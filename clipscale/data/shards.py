@@ -12,6 +12,7 @@ input's row number. `OUT/sizes.json` maps each shard file name to its sample cou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import io
 import json
@@ -133,13 +134,14 @@ def encode_sample(job: tuple[int, str, str | None, int | None]) -> tuple[int, di
     if caption is None or not caption.strip():
         return index, None, f"{path}: no caption"
     try:
-        data = Path(path).read_bytes()
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(path) as image:
             image.load()  # a full decode: truncated files fail here, not in training
             width, height = image.size
             ext = KEPT_FORMATS.get(image.format, "png")
             if (resize and min(width, height) > resize) or image.format not in KEPT_FORMATS:
                 data = _reencoded(image, ext, resize)
+            else:
+                data = Path(path).read_bytes()
     except Exception as error:  # unreadable file or anything PIL cannot decode: leave it out
         return index, None, f"{path}: {error}"
     meta = {"source": path, "width": width, "height": height}
@@ -156,8 +158,11 @@ def _reencoded(image: Image.Image, ext: str, resize: int | None) -> bytes:
         scale = resize / min(image.size)
         size = (max(resize, round(image.width * scale)), max(resize, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    # JPEG stores neither alpha nor palettes; WebP stores alpha but no palettes.
     if ext == "jpg" and image.mode not in ("RGB", "L"):
-        image = image.convert("RGB")  # JPEG stores neither alpha nor palettes
+        image = image.convert("RGB")
+    elif ext == "webp" and image.mode not in ("RGB", "RGBA"):
+        image = image.convert("RGBA")
     buffer = io.BytesIO()
     image.save(buffer, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext], quality=95)
     return buffer.getvalue()
@@ -177,7 +182,7 @@ class ShardWriter:
             self._close_shard()
             self.name = f"shard-{len(self.sizes):06d}.tar"
             # Written under a temporary name so that an interrupted run leaves no valid-looking shard.
-            self.tar = tarfile.open(
+            self.tar = tarfile.open(  # noqa: SIM115 - closed by _close_shard when full
                 self.output / f"{self.name}.partial", "w", format=tarfile.GNU_FORMAT
             )
             self.sizes[self.name] = 0
@@ -206,37 +211,25 @@ def write_shards(pairs, output: Path, samples_per_shard: int, resize: int | None
         raise FileExistsError(
             f"--output {output} already holds .tar shards; choose an empty folder"
         )
-    pairs = list(pairs)
-    key_width = max(9, len(str(len(pairs))))
-    jobs = [(index, path, caption, resize) for index, (path, caption) in enumerate(pairs)]
-    writer, skipped = ShardWriter(output, samples_per_shard), []
-    # imap keeps input order, so keys, shards and sizes.json do not depend on --workers.
-    with multiprocessing.Pool(workers) if workers > 1 else _InProcess() as pool:
-        for index, members, reason in tqdm(
-            pool.imap(encode_sample, jobs, chunksize=16), total=len(jobs), desc="shards", unit="img"
-        ):
+    jobs = ((index, path, caption, resize) for index, (path, caption) in enumerate(pairs))
+    writer, skipped, seen = ShardWriter(output, samples_per_shard), [], 0
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            # imap keeps input order, so keys, shards and sizes.json do not depend on --workers.
+            pool = stack.enter_context(multiprocessing.Pool(workers))
+            results = pool.imap(encode_sample, jobs, chunksize=16)
+        else:
+            results = map(encode_sample, jobs)
+        for index, members, reason in tqdm(results, desc="shards", unit="img"):
+            seen += 1
             if members is None:
                 log.warning("left out %s", reason)
                 skipped.append(reason)
             else:
-                writer.add(f"{index:0{key_width}d}", members)
+                writer.add(f"{index:09d}", members)
     if not writer.sizes:
-        raise ValueError(f"no usable image/caption pair among {len(jobs)} inputs; nothing written")
+        raise ValueError(f"no usable image/caption pair among {seen} inputs; nothing written")
     return writer.close(), skipped
-
-
-class _InProcess:
-    """The Pool interface for --workers 1, without starting processes."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        return None
-
-    def imap(self, function, iterable, chunksize: int = 1):
-        """Apply `function` lazily in this process."""
-        return map(function, iterable)
 
 
 def main(argv: list[str] | None = None) -> None:

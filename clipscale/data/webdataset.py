@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 import lightning as L
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import gopen
 
@@ -134,16 +134,15 @@ def shard_samples(url: str, counter: SkipCounter) -> Iterator[dict]:
                 if not member.isfile() or parts is None:
                     counter.add("unreadable_member", f"{url}:{member.name}")
                     continue
-                data = tar.extractfile(member).read()
                 if sample and parts[0] != sample["__key__"]:
+                    # A new key closes the previous sample, before this member's data can fail.
                     found += 1
                     yield sample
                     sample = {}
+                data = tar.extractfile(member).read()
                 sample.update({"__key__": parts[0], "__url__": url, parts[1]: data})
             if not reader.zero_block_at(tar.offset):
-                raise tarfile.ReadError(
-                    f"stream ends at byte {reader.position} without an end block"
-                )
+                raise tarfile.ReadError(f"stream ends at byte {reader.position} without end block")
         stream.close()  # a pipe: url reports its command's exit status here
     except Exception as error:  # tarfile, gzip, zlib and pipe failures all mean a broken stream
         if reader.position > 0:
@@ -153,6 +152,9 @@ def shard_samples(url: str, counter: SkipCounter) -> Iterator[dict]:
         else:
             counter.add("unopenable_shard", url, error)
         return
+    finally:
+        # Also when the consumer stops mid-shard (end of epoch): release the file or pipe.
+        _closes_cleanly(stream)
     if sample:
         found += 1
         yield sample
@@ -161,7 +163,7 @@ def shard_samples(url: str, counter: SkipCounter) -> Iterator[dict]:
 
 
 def _closes_cleanly(stream) -> bool:
-    """Close `stream`; False if that fails (a pipe: command that exited with an error)."""
+    """Close `stream` (again: harmless); False if that fails (a pipe: command's error exit)."""
     try:
         stream.close()
     except Exception:  # noqa: BLE001 - any failure here means the source could not be read
@@ -220,28 +222,42 @@ def decoded(samples: Iterable[dict], counter: SkipCounter, transform: Callable) 
         try:
             with Image.open(io.BytesIO(sample[image_ext])) as image:
                 rgb = image.convert("RGB")  # forces the full decode, so truncation shows here
+        except UnidentifiedImageError:
+            counter.add("corrupt_image", where, f"{image_ext} member is no image PIL can read")
+            continue
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files
             counter.add("corrupt_image", where, error)
             continue
         yield sample["__key__"], transform(rgb), caption
 
 
+def _batch_buffer(batch_size: int, image: torch.Tensor) -> torch.Tensor:
+    """An empty [batch_size, *image.shape] tensor, in shared memory inside a loader worker."""
+    buffer = torch.empty((batch_size, *image.shape), dtype=image.dtype)
+    # Allocated shared from the start, it crosses to the main process without another copy.
+    return buffer.share_memory_() if get_worker_info() is not None else buffer
+
+
 def batched(items: Iterable, counter: SkipCounter, batch_size: int, tokenizer, drop_last: bool):
     """Collate (key, image, caption) items into batch dicts carrying the skip counts."""
-
-    def collate(chunk: list) -> dict:
-        keys, images, captions = zip(*chunk, strict=True)
-        return {
-            "images": torch.stack(images),  # [B, 3, H, W]
-            "texts": tokenizer(list(captions)),  # [B, context_length]
-            "keys": list(keys),
+    iterator = iter(items)
+    while True:
+        images, keys, captions = None, [], []
+        for key, image, caption in itertools.islice(iterator, batch_size):
+            # Copying each image in as it comes lets the allocator reuse one image's memory for
+            # the next; holding a list of them and stacking costs fresh pages every batch.
+            images = _batch_buffer(batch_size, image) if images is None else images
+            images[len(keys)] = image
+            keys.append(key)
+            captions.append(caption)
+        if not keys or (drop_last and len(keys) < batch_size):
+            return
+        yield {
+            "images": images[: len(keys)],  # [B, 3, H, W]
+            "texts": tokenizer(captions),  # [B, context_length]
+            "keys": keys,
             "skipped": counter.take(),
         }
-
-    iterator = iter(items)
-    while chunk := list(itertools.islice(iterator, batch_size)):
-        if len(chunk) == batch_size or not drop_last:
-            yield collate(chunk)
 
 
 def with_trailing_skips(batches: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
@@ -464,7 +480,7 @@ class WebDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Expand the shard lists and build this rank's streams (after the process group exists)."""
-        rank, world_size = _rank_and_world_size(self._trainer)
+        rank, world_size = _rank_and_world_size(self.trainer)
         common = {
             "tokenizer": build_tokenizer(self.model_name),
             "batch_size": self.batch_size,
@@ -516,7 +532,7 @@ class WebDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> EpochLoader:
         """Resampled (or shuffled-shard) training batches for this rank."""
-        current_epoch = (lambda: self._trainer.current_epoch) if self._trainer is not None else None
+        current_epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
         return EpochLoader(self.train_stream, current_epoch, **self.loader_options)
 
     def val_dataloader(self) -> EpochLoader | list:
@@ -536,12 +552,8 @@ class WebDataModule(L.LightningDataModule):
         return dict(self.skipped_totals)
 
     def teardown(self, stage: str) -> None:
-        """Log what was skipped on this rank, by kind."""
+        """Log the samples skipped on this rank, by kind (the run's end-of-data summary)."""
         if any(self.skipped_totals.values()):
+            rank = self.trainer.global_rank if self.trainer is not None else 0
             kinds = ", ".join(f"{k}={n}" for k, n in self.skipped_totals.items() if n)
-            log.warning(
-                "data: skipped on rank %d during %s: %s",
-                self.trainer.global_rank if self._trainer else 0,
-                stage,
-                kinds,
-            )
+            log.warning("data: samples skipped on rank %d: %s", rank, kinds)

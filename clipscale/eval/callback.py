@@ -62,6 +62,14 @@ def _datamodule_share(loader: DataLoader, num_workers: int):
         offset += size
 
 
+def _val_loader(datamodule):
+    """The data module's validation DataLoader, or None (no data module, or no held-out data)."""
+    if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+        return None
+    loader = datamodule.val_dataloader()
+    return loader if isinstance(loader, DataLoader) else None
+
+
 class ValidationCallback(Callback):
     """Evaluate every `every_n_steps` optimizer steps (and after the last) and log under `val/`.
 
@@ -168,13 +176,17 @@ class ValidationCallback(Callback):
             scale = model.logit_scale.exp().item()
             result = score_image_caption_set(*(t.to(device) for t in encoded), scale, block)
             metrics.update(_scalars("val/", result))
-        elif datamodule is not None and hasattr(datamodule, "val_dataloader"):
-            metrics.update(self._datamodule_metrics(model, tokenizer, datamodule, device, block))
+        elif isinstance(loader := _val_loader(datamodule), DataLoader):
+            metrics.update(
+                self._datamodule_metrics(model, tokenizer, datamodule, loader, device, block)
+            )
         return metrics
 
-    def _datamodule_metrics(self, model, tokenizer, datamodule, device, block) -> dict[str, float]:
+    def _datamodule_metrics(
+        self, model, tokenizer, datamodule, loader, device, block
+    ) -> dict[str, float]:
         rows = []
-        for indices, batch in _datamodule_share(datamodule.val_dataloader(), self.num_workers):
+        for indices, batch in _datamodule_share(loader, self.num_workers):
             image_features = F.normalize(model.encode_image(batch["images"].to(device)), dim=-1)
             text_features = F.normalize(model.encode_text(batch["texts"].to(device)), dim=-1)
             labels = batch.get("labels", torch.full_like(indices, -1))

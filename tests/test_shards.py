@@ -1,0 +1,177 @@
+"""The shard writer: what goes in comes back out, bad inputs are left out, sizes.json is right."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from clipscale.data.shards import main, read_sizes, write_shards
+
+FORMATS = {".jpg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
+
+
+def make_images(
+    folder: Path, count: int, size: tuple[int, int] = (24, 20)
+) -> list[tuple[Path, str]]:
+    """`count` random images cycling through jpg/png/webp, with captions; returns (path, caption)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for index in range(count):
+        suffix = list(FORMATS)[index % 3]
+        path = folder / f"img{index:03d}{suffix}"
+        pixels = rng.integers(0, 256, (size[1] + index, size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path, format=FORMATS[suffix])
+        pairs.append((path, f"a caption for image {index} ✓"))
+    return pairs
+
+
+def pixels(path_or_image) -> np.ndarray:
+    """RGB pixels as decoded by PIL (the reference for what a reader must return)."""
+    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    return np.asarray(image.convert("RGB"))
+
+
+def read_back(output: Path) -> dict[str, tuple[np.ndarray, str]]:
+    """{key: (pixels, caption)} read with webdataset's own reader, independent of clipscale's."""
+    urls = sorted(str(p) for p in output.glob("*.tar"))
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil")
+    return {
+        sample["__key__"]: (
+            pixels(sample[next(k for k in ("jpg", "png", "webp") if k in sample)]),
+            sample["txt"],
+        )
+        for sample in dataset
+    }
+
+
+def shard_counts(output: Path) -> dict[str, int]:
+    """{shard file name: number of distinct keys in it}, counted from the tar listing."""
+    counts = {}
+    for path in sorted(output.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            counts[path.name] = len({name.split(".")[0] for name in tar.getnames()})
+    return counts
+
+
+def test_folder_round_trip_gives_the_same_pairs_and_sizes(tmp_path):
+    pairs = make_images(tmp_path / "in", 11)
+    for path, caption in pairs:
+        path.with_suffix(".txt").write_text(f"  {caption}\n")  # surrounding whitespace is dropped
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "in" / "broken.txt").write_text("never written")
+    make_images(tmp_path / "nocaption", 1)[0][0].rename(tmp_path / "in" / "lonely.png")
+
+    main(
+        [
+            "--images",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+            "--samples-per-shard",
+            "4",
+            "--workers",
+            "2",
+        ]
+    )
+
+    written = read_back(tmp_path / "out")
+    expected = sorted((pixels(path).tobytes(), caption) for path, caption in pairs)
+    assert sorted((image.tobytes(), caption) for image, caption in written.values()) == expected
+    sizes = json.loads((tmp_path / "out" / "sizes.json").read_text())
+    assert (
+        sizes
+        == shard_counts(tmp_path / "out")
+        == {
+            "shard-000000.tar": 4,
+            "shard-000001.tar": 4,
+            "shard-000002.tar": 3,
+        }
+    )
+    assert read_sizes([str(tmp_path / "out" / name) for name in sizes]) == 11
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".parquet"])
+def test_table_round_trip_gives_the_same_pairs(tmp_path, suffix):
+    pairs = make_images(tmp_path / "images", 7)
+    rows = [{"file": str(path.relative_to(tmp_path)), "text": caption} for path, caption in pairs]
+    rows.append({"file": "images/does-not-exist.jpg", "text": "missing file"})
+    rows.append({"file": str(pairs[0][0].relative_to(tmp_path)), "text": ""})  # no caption
+    table = tmp_path / f"pairs{suffix}"
+    frame = pd.DataFrame(rows)
+    if suffix == ".parquet":
+        frame.to_parquet(table)
+    else:
+        frame.to_csv(table, sep="\t" if suffix == ".tsv" else ",", index=False)
+
+    main(
+        [
+            "--table",
+            str(table),
+            "--path-column",
+            "file",
+            "--caption-column",
+            "text",
+            "--output",
+            str(tmp_path / "out"),
+            "--workers",
+            "1",
+        ]
+    )
+
+    written = read_back(tmp_path / "out")
+    # Keys are row numbers: rows 0..6 are kept, the two bad rows are left out.
+    assert sorted(written) == [f"{row:09d}" for row in range(7)]
+    for row, (path, caption) in enumerate(pairs):
+        image, text = written[f"{row:09d}"]
+        assert text == caption
+        np.testing.assert_array_equal(image, pixels(path))
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"shard-000000.tar": 7}
+
+
+def test_resize_shrinks_the_shorter_side_and_never_enlarges(tmp_path):
+    big = tmp_path / "in" / "big.jpg"
+    big.parent.mkdir()
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(big)
+    Image.new("RGB", (40, 60), (200, 10, 30)).save(tmp_path / "in" / "small.png")
+    for name in ("big", "small"):
+        (tmp_path / "in" / f"{name}.txt").write_text(name)
+
+    write_shards(
+        [(str(tmp_path / "in" / f), c) for f, c in [("big.jpg", "big"), ("small.png", "small")]],
+        tmp_path / "out",
+        samples_per_shard=10,
+        resize=64,
+        workers=1,
+    )
+
+    sizes = {caption: image.shape[:2] for image, caption in read_back(tmp_path / "out").values()}
+    assert sizes == {"big": (64, 96), "small": (60, 40)}  # (height, width)
+
+
+def test_shards_do_not_depend_on_the_number_of_workers(tmp_path):
+    pairs = [(str(path), caption) for path, caption in make_images(tmp_path / "in", 9)]
+    write_shards(pairs, tmp_path / "one", samples_per_shard=4, resize=16, workers=1)
+    write_shards(pairs, tmp_path / "two", samples_per_shard=4, resize=16, workers=2)
+    for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "sizes.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_bad_table_columns_and_full_output_are_refused_with_the_fix(tmp_path):
+    table = tmp_path / "pairs.csv"
+    pd.DataFrame([{"url": "a.jpg", "caption": "a"}]).to_csv(table, index=False)
+    with pytest.raises(
+        ValueError, match=r"--path-column 'path' is not a column .*\['url', 'caption'\]"
+    ):
+        main(["--table", str(table), "--output", str(tmp_path / "out")])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "shard-000000.tar").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="already holds .tar shards"):
+        write_shards([], tmp_path / "full", samples_per_shard=1, resize=None, workers=1)
