@@ -22,6 +22,16 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _dot(first: torch.Tensor, second: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Σ first * second over all entries, in `dtype`, without a product-sized temporary."""
+    return torch.dot(first.reshape(-1).to(dtype), second.reshape(-1).to(dtype))
+
+
+def _scaled(tile: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """scale * tile rounded once to the tile's dtype (rounding scale first would bias bf16)."""
+    return (tile.to(scale.dtype) * scale).to(tile.dtype)
+
+
 def _row_logsumexp(
     queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,22 +42,23 @@ def _row_logsumexp(
     row_max = torch.empty(queries.shape[0], dtype=acc_dtype, device=queries.device)  # [B]
     row_log_sum = torch.empty_like(row_max)  # [B]
     for row_start in range(0, queries.shape[0], chunk_size):
-        query_tile = queries[row_start : row_start + chunk_size]  # [c, D]
+        rows = slice(row_start, row_start + chunk_size)
+        scaled_query_tile = _scaled(queries[rows], scale)  # [c, D]
         # Running maximum and sum of exp(logit - maximum) per row: the online softmax, exact
         # and overflow-free because every exponent is ≤ 0.
         running_max = torch.full(
-            (query_tile.shape[0],), -torch.inf, dtype=acc_dtype, device=queries.device
+            (scaled_query_tile.shape[0],), -torch.inf, dtype=acc_dtype, device=queries.device
         )
         running_sum = torch.zeros_like(running_max)
         for col_start in range(0, keys.shape[0], chunk_size):
             key_tile = keys[col_start : col_start + chunk_size]  # [c', D]
-            logits = (query_tile @ key_tile.T).to(acc_dtype).mul_(scale)  # [c, c']
+            logits = (scaled_query_tile @ key_tile.T).to(acc_dtype)  # [c, c']
             new_max = torch.maximum(running_max, logits.amax(dim=1))
             running_sum.mul_(torch.exp(running_max - new_max))
             running_sum.add_(logits.sub_(new_max[:, None]).exp_().sum(dim=1))
             running_max = new_max
-        row_max[row_start : row_start + chunk_size] = running_max
-        row_log_sum[row_start : row_start + chunk_size] = running_sum.log()
+        row_max[rows] = running_max
+        row_log_sum[rows] = running_sum.log()
     return row_max, row_log_sum
 
 
@@ -59,14 +70,14 @@ class _TiledCrossEntropySum(torch.autograd.Function):
         acc_dtype = _accumulate_dtype(queries.dtype)
         scale = logit_scale.detach().to(acc_dtype)
         positive_keys = keys[label_offset : label_offset + queries.shape[0]]  # [B, D]
-        positive_dots = (queries.to(acc_dtype) * positive_keys.to(acc_dtype)).sum()
+        positive_dot = _dot(queries, positive_keys, acc_dtype)  # Σ_i q_i·k_{i+offset}
         row_max, row_log_sum = _row_logsumexp(queries, keys, scale, chunk_size)  # [B], [B]
         ctx.save_for_backward(queries, keys, logit_scale, row_max, row_log_sum)
         ctx.label_offset = label_offset
         ctx.chunk_size = chunk_size
         # At least float32 even for bf16 inputs: the sum over B rows would lose digits in bf16.
         out_dtype = torch.promote_types(acc_dtype, logit_scale.dtype)
-        return (row_max.sum() + row_log_sum.sum() - scale * positive_dots).to(out_dtype)
+        return (row_max.sum() + row_log_sum.sum() - scale * positive_dot).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -75,46 +86,45 @@ class _TiledCrossEntropySum(torch.autograd.Function):
         need_q, need_k, need_scale = ctx.needs_input_grad[:3]
         acc_dtype = row_max.dtype
         scale = logit_scale.detach().to(acc_dtype)
-        num_rows = queries.shape[0]
+        positives = slice(offset, offset + queries.shape[0])
 
-        # d loss / d logit_ij = softmax_ij - [j == i + offset], logit_ij = scale * q_i·k_j, so
-        #   d/dq_i = scale * (Σ_j P_ij k_j - k_{i+offset}),  d/dk_j = scale * (Σ_i P_ij q_i - q_{j-offset}),
-        #   d/dscale = Σ_ij P_ij q_i·k_j - Σ_i q_i·k_{i+offset}.
-        # The positive terms are O(B·D); the softmax sums are accumulated tile by tile.
-        grad_q = torch.zeros(queries.shape, dtype=acc_dtype, device=queries.device)  # [B, D]
-        grad_k = torch.zeros(keys.shape, dtype=acc_dtype, device=keys.device)  # [N, D]
-        expected_dot = torch.zeros((), dtype=acc_dtype, device=queries.device)
-        for row_start in range(0, num_rows, chunk_size):
-            query_tile = queries[row_start : row_start + chunk_size]  # [c, D]
-            tile_max = row_max[row_start : row_start + chunk_size, None]  # [c, 1]
-            tile_log_sum = row_log_sum[row_start : row_start + chunk_size, None]  # [c, 1]
+        # With P the row softmax and logit_ij = scale * q_i·k_j:
+        #   d/dq_i = scale * (Σ_j P_ij k_j - k_{i+offset}),
+        #   d/dk_j = scale * (Σ_i P_ij q_i - q_{j-offset}),
+        #   d/dscale = Σ_i q_i · (Σ_j P_ij k_j - k_{i+offset}) = Σ_i q_i · (d/dq_i) / scale.
+        # Only the softmax sums need the tiles; grad_q's sums also serve d/dscale.
+        need_row_sums = need_q or need_scale
+        zeros = dict(dtype=acc_dtype, device=queries.device)
+        grad_q = torch.zeros(queries.shape, **zeros) if need_row_sums else None  # [B, D]
+        grad_k = torch.zeros(keys.shape, **zeros) if need_k else None  # [N, D]
+        for row_start in range(0, queries.shape[0], chunk_size):
+            rows = slice(row_start, row_start + chunk_size)
+            query_tile = queries[rows]  # [c, D]
+            scaled_query_tile = _scaled(query_tile, scale)
             for col_start in range(0, keys.shape[0], chunk_size):
-                key_tile = keys[col_start : col_start + chunk_size]  # [c', D]
-                dots = (query_tile @ key_tile.T).to(acc_dtype)  # [c, c']
-                # [c, c'], the tile's part of each row's softmax
-                probs = dots.mul(scale).sub_(tile_max).sub_(tile_log_sum).exp_()
-                if need_scale:
-                    expected_dot += (probs * dots).sum()
+                cols = slice(col_start, col_start + chunk_size)
+                logits = (scaled_query_tile @ keys[cols].T).to(acc_dtype)  # [c, c']
+                probs = logits.sub_(row_max[rows, None]).sub_(row_log_sum[rows, None]).exp_()
                 # Back to the input dtype so the two gradient matmuls run at its speed.
                 probs = probs.to(queries.dtype)
-                if need_q:
-                    grad_q[row_start : row_start + chunk_size] += probs @ key_tile
+                if need_row_sums:
+                    grad_q[rows] += probs @ keys[cols]  # [c, D]
                 if need_k:
-                    grad_k[col_start : col_start + chunk_size] += probs.T @ query_tile
+                    grad_k[cols] += probs.T @ query_tile  # [c', D]
 
-        positive_keys = keys[offset : offset + num_rows].to(acc_dtype)  # [B, D]
-        grad_scale_out = grad_q_out = grad_k_out = None
-        if need_scale:
-            positive_dots = (queries.to(acc_dtype) * positive_keys).sum()
-            grad_scale = grad_output.to(acc_dtype) * (expected_dot - positive_dots)
-            grad_scale_out = grad_scale.to(logit_scale.dtype)
-        # Every entry of grad_q / grad_k carries the same factor scale * grad_output.
+        # Every gradient entry carries the factor scale * grad_output; applied in place.
         factor = scale * grad_output.to(acc_dtype)
+        grad_q_out = grad_k_out = grad_scale_out = None
+        if need_row_sums:
+            grad_q.sub_(keys[positives])
+        if need_scale:
+            grad_scale = grad_output.to(acc_dtype) * _dot(queries, grad_q, acc_dtype)
+            grad_scale_out = grad_scale.to(logit_scale.dtype)
         if need_q:
-            grad_q_out = ((grad_q - positive_keys) * factor).to(queries.dtype)
+            grad_q_out = grad_q.mul_(factor).to(queries.dtype)
         if need_k:
-            grad_k[offset : offset + num_rows] -= queries.to(acc_dtype)
-            grad_k_out = (grad_k * factor).to(keys.dtype)
+            grad_k[positives] -= queries
+            grad_k_out = grad_k.mul_(factor).to(keys.dtype)
         return grad_q_out, grad_k_out, grad_scale_out, None, None
 
 

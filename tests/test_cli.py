@@ -12,18 +12,37 @@ from omegaconf import OmegaConf
 from tests.conftest import run_cli
 
 
+def wandb_records(run_file: Path):
+    """Payloads of a .wandb file: wandb's LevelDB-style log (32 KiB blocks, 7-byte record headers)."""
+    block, header = 32768, 7
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", f"{run_file} is not a wandb transaction log"
+    position, pending = header, b""  # the file starts with a 7-byte magic/version header
+    while position + header <= len(data):
+        if block - position % block < header:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        length = int.from_bytes(data[position + 4 : position + 6], "little")
+        kind = data[position + 6]  # 1 full, 2 first, 3 middle, 4 last fragment
+        payload = data[position + header : position + header + length]
+        position += header + length
+        if kind == 1:
+            yield payload
+        elif kind in (2, 3):
+            pending = (b"" if kind == 2 else pending) + payload
+        elif kind == 4:
+            yield pending + payload
+
+
 def wandb_history_keys(run_dir: Path) -> set[str]:
     """Metric names in the history records of the offline wandb run under `run_dir`."""
     from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
 
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    store = datastore.DataStore()
-    store.open_for_scan(str(run_file))
     keys = set()
-    while (data := store.scan_data()) is not None:
+    for payload in wandb_records(run_file):
         record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
+        record.ParseFromString(payload)
         if record.WhichOneof("record_type") == "history":
             keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
     return keys

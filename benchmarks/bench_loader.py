@@ -1,0 +1,136 @@
+"""Loader throughput: the webdataset pipeline per worker process against a plain decode loop.
+
+Data: N 256×256 JPEGs (smooth colour fields plus noise, quality 90, ~25-40 KB like web photos)
+written to shards by `clipscale.data.shards`. Transform: open_clip's ViT-B-32 training transform
+(random resized crop to 224, to tensor, normalise).
+
+1. Baseline: one process, `torch.set_num_threads(1)` (as in a loader worker), looping over the
+   image files: read, PIL decode, convert to RGB, transform.
+2. Pipeline: ShardStream (resampled shards, 1000-sample shuffle buffer, decode, transform, batched
+   tokenising, collate) through EpochLoader with 1 worker, then 2. Worker start-up and the
+   shuffle buffer's filling are charged to the pipeline.
+Measured: wall-clock samples/s, and CPU milliseconds per sample (this process's for the loop, the
+finished workers' for the pipeline). On a shared machine the CPU time is the steadier number, so
+the ratio (loop CPU ms ÷ pipeline CPU ms = per-worker throughput relative to the loop; 1.00 = no
+overhead) uses it; the 1 -> 2 worker scaling needs idle cores and is wall-clock.
+
+    python benchmarks/bench_loader.py [--samples 2048] [--batch-size 64] [--repeats 3]
+"""
+
+import argparse
+import os
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipscale.data.shards import expand_shards, write_shards
+from clipscale.data.webdataset import EpochLoader, ShardStream
+from clipscale.models import build_tokenizer, build_transforms
+
+MODEL_NAME = "ViT-B-32"
+
+
+def make_jpegs(folder: Path, count: int) -> list[tuple[str, str]]:
+    """`count` 256×256 photo-like JPEGs with captions; returns (path, caption) pairs."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 1, 256, dtype=np.float32)
+    pairs = []
+    for index in range(count):
+        corners = rng.uniform(0, 255, (4, 3)).astype(np.float32)  # a bilinear colour field
+        top = corners[0] * (1 - ramp[:, None]) + corners[1] * ramp[:, None]  # [256, 3]
+        bottom = corners[2] * (1 - ramp[:, None]) + corners[3] * ramp[:, None]
+        field = top[None] * (1 - ramp[:, None, None]) + bottom[None] * ramp[:, None, None]
+        noisy = field + rng.normal(0, 12, field.shape)  # [256, 256, 3]
+        path = folder / f"{index:05d}.jpg"
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+        pairs.append((str(path), f"a photo of thing number {index} on a coloured background"))
+    return pairs
+
+
+def plain_loop(pairs, transform) -> tuple[float, float]:
+    """(samples/s, CPU ms per sample) of read + decode + transform in this process, one thread."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for path, _ in pairs:
+        with Image.open(path) as image:
+            transform(image.convert("RGB"))
+    return len(pairs) / (time.perf_counter() - wall), (time.process_time() - cpu) / len(pairs) * 1e3
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU time of this process's finished children (the loader workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def pipeline(urls, samples: int, batch_size: int, workers: int, transform, tokenizer):
+    """(samples/s, worker CPU ms per sample) through the training pipeline with `workers` workers."""
+    dataset = ShardStream(
+        urls,
+        transform=transform,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        training=True,
+        resampled=True,
+        samples_per_epoch=samples,
+        shuffle_buffer=1000,
+        num_workers=workers,
+    )
+    # Workers that are not persistent exit (and are reaped) when the pass ends, so their CPU time
+    # shows up in RUSAGE_CHILDREN right after the loop.
+    loader = EpochLoader(dataset, None, num_workers=workers, persistent_workers=False)
+    wall, cpu = time.perf_counter(), children_cpu_seconds()
+    seen = sum(len(batch["keys"]) for batch in loader)
+    del loader
+    return seen / (time.perf_counter() - wall), (children_cpu_seconds() - cpu) / seen * 1e3
+
+
+def main() -> None:
+    """Print the throughput table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    transform = build_transforms(MODEL_NAME, is_train=True)
+    tokenizer = build_tokenizer(MODEL_NAME)
+    with tempfile.TemporaryDirectory() as folder:
+        pairs = make_jpegs(Path(folder), args.samples)
+        write_shards(pairs, Path(folder) / "shards", 256, resize=None, workers=1)
+        urls = expand_shards(str(Path(folder) / "shards" / "*.tar"))
+        # Interleaved repeats so that other load on the machine hits every variant alike; the best
+        # of the repeats is the least disturbed measurement.
+        runs: dict[str, list[tuple[float, float]]] = {"plain": [], "1": [], "2": []}
+        for _ in range(args.repeats):
+            runs["plain"].append(plain_loop(pairs, transform))
+            for workers in (1, 2):
+                result = pipeline(
+                    urls, args.samples, args.batch_size, workers, transform, tokenizer
+                )
+                runs[str(workers)].append(result)
+    rate = {name: max(r for r, _ in values) for name, values in runs.items()}
+    cpu_ms = {name: min(c for _, c in values) for name, values in runs.items()}
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f}; {args.samples} JPEGs 256x256, batch {args.batch_size}, "
+          f"best of {args.repeats}")  # fmt: skip
+    header = f"{'variant':<32}{'samples/s':>10}{'per worker':>12}{'CPU ms/sample':>15}{'ratio':>7}"
+    print(header)
+    for name, label, workers in [
+        ("plain", "plain loop: decode + transform", 1),
+        ("1", "pipeline, 1 worker", 1),
+        ("2", "pipeline, 2 workers", 2),
+    ]:
+        # ratio: per-worker throughput as CPU time allows it, relative to the plain loop.
+        print(f"{label:<32}{rate[name]:>10.1f}{rate[name] / workers:>12.1f}"
+              f"{cpu_ms[name]:>15.2f}{cpu_ms['plain'] / cpu_ms[name]:>7.2f}")  # fmt: skip
+    print(f"wall-clock scaling 1 -> 2 workers: {rate['2'] / rate['1']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
