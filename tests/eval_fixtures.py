@@ -68,7 +68,13 @@ def write_retrieval_dataset(
     samples = []
     for index in range(num_images):
         image, caption, label = draw_sample(seed, "val", index)
-        variants = [caption, f"an image of a {CLASSNAMES[label]}", f"the {CLASSNAMES[label]}"]
+        # Numbered so that no two images share a caption: exact ties would make the comparison
+        # with clip_benchmark depend on its top-k tie order rather than on the metric.
+        variants = [
+            f"{caption}, picture {index}",
+            f"an image of a {CLASSNAMES[label]}, picture {index}",
+            f"the {CLASSNAMES[label]} of picture {index}",
+        ]
         captions = "\n".join(variants[:captions_per_image])
         samples.append(
             {

@@ -109,6 +109,7 @@ def test_two_task_job_all_reduces_over_gloo(slurm, tmp_path):
         "value = torch.tensor([rank + 1.0])\n"
         "dist.all_reduce(value)\n"
         'print(f"rank {rank}/{world} sum {value.item():g}", flush=True)\n'
+        "dist.destroy_process_group()  # a live gloo group aborts the interpreter at exit\n"
         "'\n"
     )
     job = slurm.submit([str(script)], tmp_path, job_env(tmp_path))
