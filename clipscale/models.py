@@ -8,6 +8,7 @@ from pathlib import Path
 import open_clip
 import torch
 from open_clip.transform import image_transform
+from torchvision.transforms import Compose, Normalize, PILToTensor, ToTensor
 
 # Model sizes shipped with clipscale (e.g. the CPU demo's "clipscale-tiny") are plain open_clip
 # JSON configs; registering the folder makes them valid `model_name`s for every open_clip call,
@@ -59,11 +60,26 @@ def build_model(
     return model
 
 
-def build_transforms(name: str, is_train: bool):
-    """open_clip's image transform for `name` (train: with its random-resized-crop augmentation)."""
+def build_transforms(name: str, is_train: bool, as_uint8: bool = False):
+    """open_clip's image transform for `name` (train: with its random-resized-crop augmentation).
+
+    `as_uint8` stops before the float conversion and normalisation and returns uint8 [3, H, W]:
+    a quarter of the bytes to move between processes; `normalize_images` finishes on the device.
+    """
     check_model_name(name)
     image_size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
-    return image_transform(image_size, is_train=is_train)
+    transform = image_transform(image_size, is_train=is_train)
+    if not as_uint8:
+        return transform
+    kept = [t for t in transform.transforms if not isinstance(t, ToTensor | Normalize)]
+    return Compose([*kept, PILToTensor()])
+
+
+def normalize_images(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float, exactly what open_clip's ToTensor + Normalize compute."""
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float().div(255) - mean) / std
 
 
 def build_tokenizer(name: str):

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from clipscale.distributed import all_reduce_gradients, all_reduce_sum, world_size
 from clipscale.flops import forward_flops_per_sample, peak_tflops, train_flops_per_sample
 from clipscale.gradcache import cached_backward, encode, logit_params
-from clipscale.models import build_model
+from clipscale.models import build_model, normalize_images
 from clipscale.optim import parameter_groups, warmup_cosine
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learnable temperature at 1/100
@@ -54,6 +54,13 @@ class CLIPModule(L.LightningModule):
     def encode(self, images: torch.Tensor, texts: torch.Tensor):
         """L2-normalised (image_features [B, D], text_features [B, D])."""
         return encode(self.model, images, texts)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Loaders may send uint8 images (4× less to copy); normalise them here, on the device."""
+        if batch["images"].dtype == torch.uint8:
+            cfg = self.model.visual.preprocess_cfg
+            batch["images"] = normalize_images(batch["images"], cfg["mean"], cfg["std"])
+        return batch
 
     # --- the step -------------------------------------------------------------------------------
     def on_train_start(self) -> None:

@@ -427,6 +427,7 @@ class WebDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
+        uint8_images: bool = True,
     ) -> None:
         super().__init__()
         for key, value, least in [
@@ -468,6 +469,7 @@ class WebDataModule(L.LightningDataModule):
             num_workers,
         )
         self.model_name, self.seed = model_name, seed
+        self.uint8_images = uint8_images
         self.loader_options = {
             "num_workers": num_workers,
             "pin_memory": pin_memory and torch.cuda.is_available(),
@@ -506,7 +508,9 @@ class WebDataModule(L.LightningDataModule):
             samples = self.samples_per_epoch or read_sizes(urls, "data.train_shards")
             self.train_stream = ShardStream(
                 urls,
-                transform=build_transforms(self.model_name, is_train=True),
+                transform=build_transforms(
+                    self.model_name, is_train=True, as_uint8=self.uint8_images
+                ),
                 training=True,
                 resampled=self.resampled,
                 shard_weights=weights,
