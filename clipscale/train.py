@@ -58,7 +58,8 @@ def build_module(cfg: DictConfig) -> CLIPModule:
 
 def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
     """Lightning Trainer with the configured callbacks and loggers (a requeued run keeps its wandb id)."""
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    # A callback set to null in an override (e.g. by debug/) is left out.
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [
         instantiate(c, **wandb_resume_kwargs(c, output_dir))
         for c in (cfg.get("logger") or {}).values()

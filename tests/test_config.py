@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,11 @@ def test_cli_stops_at_start_on_bad_config(tmp_path, override, message):
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_debug_preset_runs_five_steps_without_loggers(tmp_path):
+    result = run_cli("debug=default", f"paths.output_dir={tmp_path}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 5 and summary["global_batch"] == 16
+    assert not (tmp_path / "wandb").exists() and not (tmp_path / "csv").exists()
