@@ -30,9 +30,10 @@ class _GatherWithGrad(torch.autograd.Function):
         tensor = tensor.contiguous()
         ctx.batch = tensor.shape[0]
         gathered = tensor.new_empty((world_size() * tensor.shape[0], *tensor.shape[1:]))
-        dist.all_gather_single(gathered, tensor) if hasattr(
-            dist, "all_gather_single"
-        ) else dist.all_gather_into_tensor(gathered, tensor)
+        if hasattr(dist, "all_gather_single"):  # the newer name; torch < 2.10 has only the older
+            dist.all_gather_single(gathered, tensor)
+        else:
+            dist.all_gather_into_tensor(gathered, tensor)
         return gathered  # [P*B, D]
 
     @staticmethod
@@ -55,22 +56,39 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(tensor)
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean of `tensor` over ranks (no gradient); returns the input unchanged on one rank."""
-    if not is_distributed():
-        return tensor
-    tensor = tensor.detach().clone()
-    dist.all_reduce(tensor)
-    return tensor / world_size()
+def _communication_device() -> torch.device:
+    """NCCL moves only CUDA tensors, gloo (CPU runs) only CPU ones."""
+    if dist.get_backend() == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum of `tensor` over ranks (no gradient)."""
+    """Sum of `tensor` over ranks, no gradient, on the tensor's own device (itself on one rank)."""
     if not is_distributed():
         return tensor
-    tensor = tensor.detach().clone()
-    dist.all_reduce(tensor)
-    return tensor
+    summed = tensor.detach().to(_communication_device(), copy=True)
+    dist.all_reduce(summed)
+    return summed.to(tensor.device)
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows in rank order; ranks may hold different row counts."""
+    if not is_distributed():
+        return tensor
+    device = _communication_device()
+    local_rows = torch.tensor([tensor.shape[0]], device=device)
+    row_counts = [torch.zeros_like(local_rows) for _ in range(world_size())]
+    dist.all_gather(row_counts, local_rows)
+    # all_gather needs equal shapes: pad every share to the longest, then cut the padding off
+    max_rows = int(max(row_counts).item())
+    padded = tensor.new_zeros((max_rows, *tensor.shape[1:]), device=device)
+    padded[: tensor.shape[0]] = tensor
+    shares = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(shares, padded)
+    return torch.cat(
+        [share[: int(n.item())] for share, n in zip(shares, row_counts, strict=True)]
+    ).to(tensor.device)
 
 
 def all_reduce_gradients(parameters, bucket_numel: int = 2**25) -> None:

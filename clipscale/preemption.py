@@ -35,6 +35,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DistributedSampler
 
+from clipscale import distributed
+
 
 class Requeued(SystemExit):
     """Raised on every rank once the checkpoint is saved and the job requeued (exit status 0)."""
@@ -147,19 +149,17 @@ class RequeueOnSignal(Callback):
     def state_dict(self) -> dict:
         """Every rank's RNG states (gathered: the checkpoint is written by rank 0 alone)."""
         state = _rng_state()
-        if dist.is_available() and dist.is_initialized():
-            states = [None] * dist.get_world_size()
+        states = [state]
+        if distributed.is_distributed():
+            states = [None] * distributed.world_size()
             dist.all_gather_object(states, state)
-        else:
-            states = [state]
         return {"rng_per_rank": states}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Keep this rank's RNG states; they are set when training starts (after data set-up)."""
         states = state_dict["rng_per_rank"]
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if len(states) == (dist.get_world_size() if dist.is_initialized() else 1):
-            self._rng_to_restore = states[rank]
+        if len(states) == distributed.world_size():
+            self._rng_to_restore = states[distributed.rank()]
         else:
             rank_zero_warn(
                 f"clipscale: checkpoint has RNG states for {len(states)} ranks, this run has a "

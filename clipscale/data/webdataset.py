@@ -27,11 +27,11 @@ from collections.abc import Callable, Iterable, Iterator
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import gopen
 
+from clipscale import distributed
 from clipscale.data.shards import expand_shards, read_sizes
 from clipscale.models import build_tokenizer, build_transforms
 
@@ -389,9 +389,7 @@ def _rank_and_world_size(trainer) -> tuple[int, int]:
     """This process's rank and the world size: Lightning's, else torch.distributed's, else 0/1."""
     if trainer is not None:
         return trainer.global_rank, trainer.world_size
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return distributed.rank(), distributed.world_size()
 
 
 def _patterns(spec, key: str) -> list[str]:

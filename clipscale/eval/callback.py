@@ -14,12 +14,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from clipscale.eval.datasets import (
-    all_gather_rows,
-    expand_shard_pattern,
-    rank_and_world_size,
-    read_dataset_info,
-)
+from clipscale.distributed import all_gather_rows, rank, world_size
+from clipscale.eval.datasets import expand_shard_pattern, read_dataset_info
 from clipscale.eval.retrieval import (
     encode_image_caption_set,
     evaluate_retrieval,
@@ -36,11 +32,11 @@ def _scalars(prefix: str, metrics: dict) -> dict[str, float]:
 
 def _datamodule_share(loader: DataLoader, num_workers: int):
     """(dataset indices [B], batch) of this rank's share of a data module's validation loader."""
-    rank, world_size = rank_and_world_size()
+    this_rank, num_ranks = rank(), world_size()
     dataset = loader.dataset
     if not isinstance(dataset, IterableDataset):
         # map-style: this rank loads only its indices rank, rank + P, ...
-        indices = list(range(rank, len(dataset), world_size))
+        indices = list(range(this_rank, len(dataset), num_ranks))
         share = DataLoader(
             Subset(dataset, indices),
             batch_size=loader.batch_size,
@@ -57,7 +53,7 @@ def _datamodule_share(loader: DataLoader, num_workers: int):
     offset = 0
     for number, batch in enumerate(loader):
         size = batch["images"].shape[0]
-        if number % world_size == rank:
+        if number % num_ranks == this_rank:
             yield torch.arange(offset, offset + size), batch
         offset += size
 
@@ -154,9 +150,9 @@ class ValidationCallback(Callback):
         device = next(model.parameters()).device
         tokenizer, transform = build_tokenizer(model_name), build_transforms(model_name, False)
         loader_kw = {"num_workers": self.num_workers, "max_samples": self.max_samples}
-        world_size = rank_and_world_size()[1]
+        num_ranks = world_size()
         block = (
-            self.loss_block_size or getattr(datamodule, "batch_size", self.batch_size) * world_size
+            self.loss_block_size or getattr(datamodule, "batch_size", self.batch_size) * num_ranks
         )
         metrics = {}
         for info in self.zeroshot:

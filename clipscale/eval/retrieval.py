@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clipscale.eval.datasets import all_gather_rows, eval_loader, rank_and_world_size
+from clipscale.distributed import all_gather_rows, rank, world_size
+from clipscale.eval.datasets import eval_loader
 from clipscale.eval.geometry import modality_gap_metrics
 
 RECALL_KS = (1, 5, 10)
@@ -149,9 +150,9 @@ def encode_image_caption_set(model, tokenizer, transform, shards, batch_size, de
     every rank holds what one process would have computed. Returns
     (image_features, text_features, text_image_index [T], first_caption_row [I]).
     """
-    rank, world_size = rank_and_world_size()
+    this_rank, num_ranks = rank(), world_size()
     loader = eval_loader(
-        shards, transform, True, batch_size, rank=rank, world_size=world_size, **loader_kw
+        shards, transform, True, batch_size, rank=this_rank, world_size=num_ranks, **loader_kw
     )
     image_index, image_features, text_image_index, text_features = (
         all_gather_rows(t) for t in _encode_share(model, tokenizer, loader, device)
@@ -186,9 +187,9 @@ def score_image_caption_set(
     if image_features.shape[0] < 2:
         raise ValueError(f"an image-caption set needs 2+ images, got {image_features.shape[0]}")
     # every rank scores the queries i = rank (mod world size), then the ranks are gathered
-    rank, world_size = rank_and_world_size()
-    my_images = torch.arange(rank, image_features.shape[0], world_size)
-    my_texts = torch.arange(rank, text_features.shape[0], world_size)
+    this_rank, num_ranks = rank(), world_size()
+    my_images = torch.arange(this_rank, image_features.shape[0], num_ranks)
+    my_texts = torch.arange(this_rank, text_features.shape[0], num_ranks)
     i2t = image_to_text_ranks(image_features, text_features, text_image_index, my_images)
     t2i = text_to_image_ranks(text_features, image_features, text_image_index, my_texts)
     metrics = retrieval_metrics(all_gather_rows(i2t), all_gather_rows(t2i))

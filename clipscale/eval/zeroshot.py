@@ -10,18 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from clipscale.distributed import all_gather_rows, all_reduce_sum, rank, world_size
 from clipscale.eval.coder import (
     neighbour_fewshot_logits,
     neighbour_zeroshot_logits,
     split_support_query,
 )
-from clipscale.eval.datasets import (
-    EvalDatasetInfo,
-    all_gather_rows,
-    all_reduce_sum,
-    eval_loader,
-    rank_and_world_size,
-)
+from clipscale.eval.datasets import EvalDatasetInfo, eval_loader
 
 
 @torch.no_grad()
@@ -107,7 +102,7 @@ def evaluate_zeroshot(
         raise ValueError(
             "coder_shots needs coder_k (the number of neighbour texts), got coder_k=None"
         )
-    rank, world_size = rank_and_world_size()
+    this_rank, num_ranks = rank(), world_size()
     num_classes = len(info.classnames)
     bank = template_embeddings(model, tokenizer, info.classnames, info.templates, device)
     classifier = F.normalize(bank.mean(dim=1), dim=-1).T  # [D, C]
@@ -116,7 +111,7 @@ def evaluate_zeroshot(
     counts = torch.zeros(4, num_classes, dtype=torch.long)  # rows: samples, top1, top5, coder
     kept = []
     loader = eval_loader(
-        info.shards, transform, False, batch_size, rank=rank, world_size=world_size, **loader_kw
+        info.shards, transform, False, batch_size, rank=this_rank, world_size=num_ranks, **loader_kw
     )
     for indices, images, targets in loader:
         targets = torch.tensor(targets)
