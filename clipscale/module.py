@@ -13,8 +13,10 @@ import time
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
+from clipscale.config import ConfigError
 from clipscale.distributed import all_reduce_gradients, all_reduce_sum, world_size
 from clipscale.flops import forward_flops_per_sample, peak_tflops, train_flops_per_sample
 from clipscale.gradcache import cached_backward, encode, logit_params
@@ -22,6 +24,19 @@ from clipscale.models import build_model, normalize_images
 from clipscale.optim import parameter_groups, warmup_cosine
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learnable temperature at 1/100
+
+
+def refuse_batch_norm(model: torch.nn.Module, model_name: str, chunk_size) -> None:
+    """Gradient caching is exact only for per-sample layers: BatchNorm normalises each chunk with
+    that chunk's statistics (not the batch's) and updates its running statistics in both passes."""
+    layer = next((m for m in model.modules() if isinstance(m, _BatchNorm)), None)
+    if layer is not None:
+        raise ConfigError(
+            f"grad_cache.chunk_size={chunk_size} cannot be exact for model.name={model_name}: it "
+            f"has {type(layer).__name__} layers, which normalise each chunk with its own "
+            "statistics. Use grad_cache.chunk_size=null (loss.chunk_size still bounds the loss "
+            "memory), or a model without BatchNorm (e.g. a ViT)"
+        )
 
 
 class CLIPModule(L.LightningModule):
@@ -44,6 +59,8 @@ class CLIPModule(L.LightningModule):
             self.model.transformer.compile()
         self.loss_fn = instantiate(loss)
         self.chunk_size = (grad_cache or {}).get("chunk_size")
+        if self.chunk_size is not None:
+            refuse_batch_norm(self.model, model["name"], self.chunk_size)
         self.max_logit_scale = model.get("max_logit_scale", MAX_LOGIT_SCALE)
         self._last_step_start: float | None = None
         self._skipped_total = 0
@@ -55,12 +72,12 @@ class CLIPModule(L.LightningModule):
         """L2-normalised (image_features [B, D], text_features [B, D])."""
         return encode(self.model, images, texts)
 
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+    def float_images(self, images: torch.Tensor) -> torch.Tensor:
         """Loaders may send uint8 images (4× less to copy); normalise them here, on the device."""
-        if batch["images"].dtype == torch.uint8:
-            cfg = self.model.visual.preprocess_cfg
-            batch["images"] = normalize_images(batch["images"], cfg["mean"], cfg["std"])
-        return batch
+        if images.dtype != torch.uint8:
+            return images
+        cfg = self.model.visual.preprocess_cfg
+        return normalize_images(images, cfg["mean"], cfg["std"])
 
     # --- the step -------------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -68,15 +85,19 @@ class CLIPModule(L.LightningModule):
         wrapped = self.trainer.strategy.model
         if self.chunk_size is not None and isinstance(wrapped, DistributedDataParallel):
             wrapped.require_backward_grad_sync = False
+        image_size = self.model.visual.image_size  # an int (ResNet) or (height, width) (ViT)
         forward = forward_flops_per_sample(
-            self.model, self.model.visual.image_size[0], self.model.context_length, self.device
+            self.model,
+            image_size if isinstance(image_size, int) else image_size[0],
+            self.model.context_length,
+            self.device,
         )
         self._flops_per_sample = train_flops_per_sample(forward, self.chunk_size is not None)
         self._peak_tflops = peak_tflops(self.device)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One optimizer step on this rank's part of the global contrastive batch."""
-        images, texts = batch["images"], batch["texts"]  # [B, 3, H, W], [B, L]
+        images, texts = self.float_images(batch["images"]), batch["texts"]  # [B, 3, H, W], [B, L]
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         optimizer.zero_grad(set_to_none=True)
 
@@ -90,27 +111,32 @@ class CLIPModule(L.LightningModule):
             )
             all_reduce_gradients(self.parameters())
 
+        step_lr = optimizer.param_groups[0]["lr"]  # the rate this update uses, logged below
+        optimizer.step()  # clipping happens in on_before_optimizer_step, after fp16 unscaling
+        scheduler.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, self.max_logit_scale)
+
+        self._log_step(loss, batch, step_lr)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clip the global gradient norm. Lightning calls this inside `optimizer.step()`, after a
+        16-mixed loss scaler has unscaled the gradients, so the bound applies to the true gradients."""
         grad_clip = self.hparams.optim.get("grad_clip_norm")
         if grad_clip:
             self.clip_gradients(
                 optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm"
             )
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0, self.max_logit_scale)
 
-        self._log_step(loss, batch)
-        return loss
-
-    def _log_step(self, loss: torch.Tensor, batch: dict) -> None:
+    def _log_step(self, loss: torch.Tensor, batch: dict, lr: float) -> None:
         global_batch = batch["images"].shape[0] * world_size()
         logit_scale = self.model.logit_scale.detach().exp()
         metrics = {
             "train/loss": loss,
             "train/logit_scale": logit_scale,
             "train/temperature": 1.0 / logit_scale,
-            "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
+            "train/lr": torch.tensor(lr),
             "train/global_batch_size": torch.tensor(float(global_batch)),
         }
         now = time.perf_counter()

@@ -45,7 +45,7 @@ def test_module_normalises_uint8_batches_and_leaves_float_batches():
         "texts": texts,
     }
     float_images = torch.stack([transform(photo(i)) for i in range(2)])
-    normalised = module.on_after_batch_transfer(uint8_batch, 0)["images"]
+    normalised = module.float_images(uint8_batch["images"])
     torch.testing.assert_close(normalised, float_images)
     float_batch = {"images": float_images.clone(), "texts": texts}
-    assert torch.equal(module.on_after_batch_transfer(float_batch, 0)["images"], float_images)
+    assert torch.equal(module.float_images(float_batch["images"]), float_images)
