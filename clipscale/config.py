@@ -10,6 +10,8 @@ from omegaconf import DictConfig
 
 from clipscale.models import check_model_name, check_pretrained
 
+SIGLIP_MISSING_BIAS = "loss=siglip needs a learnable logit bias (model.kwargs.init_logit_bias)"
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key, the value and the fix."""
@@ -52,6 +54,6 @@ def validate_config(cfg: DictConfig) -> None:
         cfg.model.get("kwargs") or {}
     ):
         raise ConfigError(
-            "loss=siglip needs a learnable logit bias: add "
-            "model.kwargs='{init_logit_bias: -10, init_logit_scale: 2.3026}'"
+            f"{SIGLIP_MISSING_BIAS}: add +model.kwargs.init_logit_bias=-10 "
+            "+model.kwargs.init_logit_scale=2.3026"
         )

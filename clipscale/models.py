@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 from pathlib import Path
 
 import open_clip
@@ -15,6 +17,12 @@ from torchvision.transforms import Compose, Normalize, PILToTensor, ToTensor
 # including open_clip.create_model_and_transforms in a user's own code after `import clipscale.models`.
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+# open_clip warns on every build without weights; clipscale builds without them on purpose
+# (random init, or weights loaded from a checkpoint right after).
+logging.getLogger().addFilter(
+    lambda record: not record.getMessage().startswith("No pretrained weights loaded for model")
+)
 
 
 def check_model_name(name: str) -> None:
@@ -88,6 +96,18 @@ def build_tokenizer(name: str):
     return open_clip.get_tokenizer(name)
 
 
+def load_checkpoint_file(path: str):
+    """torch.load that unpickles tensors and plain containers only: a checkpoint file from a third
+    party cannot run code. Lightning checkpoints of clipscale load this way too."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"checkpoint={path!r} holds Python objects beyond tensors and plain containers, "
+            f"which clipscale refuses to unpickle (they can run code): {str(error).splitlines()[0]}"
+        ) from error
+
+
 def load_clip_from_checkpoint(
     path: str, model_name: str | None = None
 ) -> tuple[torch.nn.Module, str]:
@@ -98,7 +118,7 @@ def load_clip_from_checkpoint(
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint={path!r} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_checkpoint_file(path)
     if isinstance(payload, dict) and "state_dict" in payload and "hyper_parameters" in payload:
         model_cfg = payload["hyper_parameters"]["model"]
         model_name = model_cfg["name"]

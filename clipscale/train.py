@@ -13,20 +13,28 @@ Launch commands (every key is a Hydra override; see configs/):
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
+from clipscale.cli import UserError, check_overrides, known_errors, redacted
 from clipscale.config import validate_config
 from clipscale.module import CLIPModule
 from clipscale.preemption import wandb_resume_kwargs
+from clipscale.progress import StepProgressBar
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -56,20 +64,63 @@ def build_module(cfg: DictConfig) -> CLIPModule:
     )
 
 
+class SeedPerRank(Callback):
+    """Reseed every rank with seed + rank once the model exists, as open_clip does: initial weights
+    stay identical across ranks while dropout, patch-dropout masks and crops differ between them."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Runs in every rank's process, spawned ones included, before a resume restores RNG state."""
+        L.seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
+
+
+class EpochSizeCheck(Callback):
+    """Warn once when an epoch holds fewer samples than one global batch (samples repeat in it)."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Read the data module's epoch size after its setup; compare with the global batch."""
+        samples = epoch_samples(trainer.datamodule)
+        global_batch = trainer.world_size * trainer.datamodule.batch_size
+        if samples is not None and samples < global_batch:
+            rank_zero_warn(
+                f"the training data has {samples} samples per epoch, fewer than one global batch "
+                f"of {global_batch} ({trainer.datamodule.batch_size} per rank x "
+                f"{trainer.world_size} ranks): every batch repeats samples"
+            )
+
+
+def epoch_samples(datamodule) -> int | None:
+    """Samples in one training epoch of a clipscale data module, when it knows the number."""
+    for owner, name in ((datamodule, "train_samples"), (datamodule, "samples_per_epoch")):
+        if getattr(owner, name, None):
+            return int(getattr(owner, name))
+    stream = getattr(datamodule, "train_stream", None)
+    return getattr(stream, "samples_per_epoch", None)
+
+
 def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
     """Lightning Trainer with the configured callbacks and loggers (a requeued run keeps its wandb id)."""
-    # A callback set to null in an override (e.g. by debug/) is left out.
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [
         instantiate(c, **wandb_resume_kwargs(c, output_dir))
         for c in (cfg.get("logger") or {}).values()
     ]
+    # A callback set to null in an override (e.g. by debug/) is left out, and so is one that
+    # needs a logger when there is none (logger=none).
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not loggers:
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks += [SeedPerRank(cfg.seed), EpochSizeCheck()]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())  # step k/max_steps, continued on resume
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
-def log_run_facts(cfg: DictConfig, trainer: L.Trainer, output_dir: Path) -> dict:
+def log_run_facts(cfg: DictConfig, trainer: L.Trainer, module, output_dir: Path) -> dict:
     """Derived values (global batch, ranks, git SHA) printed on rank 0 and given to the loggers."""
     facts = {
+        "parameters": sum(p.numel() for p in module.parameters()),
         "world_size": trainer.world_size,
         "per_rank_batch": cfg.data.batch_size,
         "global_batch": cfg.data.batch_size * trainer.world_size,
@@ -78,13 +129,47 @@ def log_run_facts(cfg: DictConfig, trainer: L.Trainer, output_dir: Path) -> dict
         "output_dir": str(output_dir),
     }
     rank_zero_info(
-        f"clipscale: global batch {facts['global_batch']} = {facts['per_rank_batch']} per rank × "
+        f"clipscale: {cfg.model.name} ({facts['parameters'] / 1e6:.1f}M parameters); "
+        f"global batch {facts['global_batch']} = {facts['per_rank_batch']} per rank × "
         f"{facts['world_size']} ranks; grad-cache chunk {facts['grad_cache_chunk']}; "
         f"git {facts['git_sha']}; run dir {output_dir}"
     )
     for logger in trainer.loggers:
-        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run": facts})
+        # Secrets (keys, tokens, passwords, and values interpolated from such names) stay out.
+        logger.log_hyperparams({**redacted(cfg), "run": facts})
     return facts
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Refuse a missing checkpoint or missing shards before any logger or file is created."""
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        raise UserError(
+            f"ckpt_path={cfg.ckpt_path} does not exist; give a checkpoint file such as "
+            "<run dir>/checkpoints/last.ckpt, or leave ckpt_path unset to start a new run"
+        )
+    if str(cfg.data.get("_target_", "")).endswith("WebDataModule"):
+        from clipscale.data.shards import expand_shards
+
+        for key in ("train_shards", "val_shards"):
+            spec = cfg.data.get(key)
+            if spec is None:
+                continue
+            patterns = spec.split("::") if isinstance(spec, str) else list(spec)
+            try:
+                for pattern in patterns:
+                    expand_shards(pattern, f"data.{key}")
+            except FileNotFoundError as error:
+                raise UserError(str(error)) from error
+
+
+def instantiate_or_explain(node: DictConfig):
+    """instantiate(node), with a bad argument value reported as the one-line message it raised."""
+    try:
+        return instantiate(node)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, ValueError):
+            raise UserError(str(error.__cause__)) from error
+        raise
 
 
 @torch.no_grad()
@@ -109,18 +194,27 @@ def demo_zeroshot_accuracy(module: CLIPModule, datamodule) -> float:
 
 def train(cfg: DictConfig) -> dict:
     """Build everything from `cfg`, fit, write last.ckpt, return the run's summary numbers."""
-    validate_config(cfg)
+    try:
+        validate_config(cfg)
+    except ValueError as error:  # ConfigError, or the model registry's bad-name message
+        raise UserError(str(error)) from error
+    preflight(cfg)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(
+        cfg.seed, workers=True, verbose=False
+    )  # identical initial weights on all ranks
 
-    datamodule = instantiate(cfg.data)
-    module = build_module(cfg)
+    datamodule = instantiate_or_explain(cfg.data)
+    try:
+        module = build_module(cfg)
+    except ValueError as error:
+        raise UserError(str(error)) from error
     trainer = build_trainer(cfg, output_dir)
-    facts = log_run_facts(cfg, trainer, output_dir)
+    facts = log_run_facts(cfg, trainer, module, output_dir)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     last_ckpt = output_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(last_ckpt)
+    trainer.save_checkpoint(last_ckpt, weights_only=False)
 
     summary = {
         **facts,
@@ -159,10 +253,39 @@ def print_summary(summary: dict, trainer: L.Trainer) -> None:
     print("\n".join(["", "clipscale run finished", *lines]), flush=True)
 
 
+def _hydra_run_dir() -> Path | None:
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
+@known_errors(_hydra_run_dir)
+def hydra_main(cfg: DictConfig) -> None:
     """Hydra entry point."""
+    quiet_known_noise()
     train(cfg)
+
+
+def quiet_known_noise() -> None:
+    """Silence, each at its source, Lightning messages that do not apply to clipscale runs."""
+    # Validation runs in clipscale's callback, not in a validation_step.
+    warnings.filterwarnings("ignore", message="You passed in a `val_dataloader` but have no")
+    if "SLURM_JOB_ID" not in os.environ:  # srun on the PATH of a machine not running a job
+        warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
+    # Lightning's own pytree call on a torch that renamed LeafSpec; nothing for a user to change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage()
+    )
+
+
+def main() -> None:
+    """`python -m clipscale.train`: check the overrides as the shell passed them, then run Hydra."""
+    try:
+        sys.argv[1:] = check_overrides(sys.argv[1:])
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def plot_curves(series: dict[str, list[tuple[int, float]]], path: str | Path) ->
             axis.plot(steps, values, marker="o" if len(steps) < 30 else None, label=key)
         axis.set_title(title)
         axis.set_xlabel("step")
+        axis.ticklabel_format(axis="y", style="plain", useOffset=False)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     figure.tight_layout()
@@ -75,11 +76,33 @@ class CurvesCallback(Callback):
         """After every callback's on_train_end (so the final validation is in): write the figure."""
         if not trainer.is_global_zero:
             return
-        series = {key: points for key, points in self.series.items() if points}
+        series = self._with_validation(trainer)
+        if series:
+            plot_curves(series, self.path)
+
+    def _with_validation(self, trainer) -> dict[str, list[tuple[int, float]]]:
+        """The recorded training curves plus the validation callback's points of this fit."""
+        series = {key: list(points) for key, points in self.series.items() if points}
         for callback in trainer.callbacks:
             if isinstance(callback, ValidationCallback):
                 for step, metrics in callback.history:
                     for key, value in metrics.items():
                         series.setdefault(key, []).append((step, value))
-        if series:
-            plot_curves(series, self.path)
+        return series
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Remember the trainer, so state_dict can fold this fit's validation points in."""
+        self._trainer = trainer
+
+    def state_dict(self) -> dict:
+        """Every curve so far, so a resumed run's figure covers its whole history."""
+        trainer = getattr(self, "_trainer", None)
+        return {"series": self._with_validation(trainer) if trainer else dict(self.series)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Continue the curves of the run being resumed."""
+        self.series = {
+            key: [tuple(p) for p in points] for key, points in state_dict["series"].items()
+        }
+        for key in TRAIN_KEYS:
+            self.series.setdefault(key, [])
