@@ -1,7 +1,8 @@
 """The SLURM job scripts on a real one-node SLURM (started here, CPU, 2 tasks, gloo).
 
 The cluster fixture (tests/slurm_cluster.py) installs SLURM with scripts/ci_install_slurm.sh when
-it is missing, starts munged/slurmctld/slurmd and stops them afterwards. Jobs run the project's own
+it is missing, starts munged/slurmctld/slurmd and stops them afterwards. Because that touches the
+machine, these tests run only in CI (`CI` set) or with CLIPSCALE_SLURM_TESTS=1, and skip otherwise. Jobs run the project's own
 scripts/slurm/single_node.sbatch with CPU overrides; the uninterrupted run is the reference the
 preempted run must reproduce exactly.
 """
