@@ -47,7 +47,6 @@ def test_demo_defaults_build_module_and_datamodule(compose_config, tmp_path):
             "model.pretrained=/nonexistent.pt",
             r"model.pretrained='/nonexistent.pt' is not a local file",
         ),
-        ("loss=siglip", r"loss=siglip needs a learnable logit bias"),
     ],
 )
 def test_bad_values_fail_validation_with_named_key(compose_config, tmp_path, override, message):
