@@ -21,7 +21,7 @@ import multiprocessing
 import os
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from PIL import Image
@@ -67,6 +67,22 @@ def expand_shards(pattern: str, key: str = "shards") -> list[str]:
             missing[0],
         )
     return urls
+
+
+def shard_urls(spec, key: str) -> list[str]:
+    """Urls of a shard spec: a brace pattern, `a::b`, or a list of those; pipe: commands kept."""
+    if isinstance(spec, str):
+        patterns = [spec]
+    elif isinstance(spec, Iterable) and not isinstance(spec, (bytes, Mapping)):
+        patterns = list(spec)  # list, tuple or omegaconf ListConfig
+    else:
+        patterns = []
+    if not patterns or not all(isinstance(p, str) and p.strip() for p in patterns):
+        raise ValueError(
+            f"{key}={spec!r}: expected a brace pattern such as /data/shard-{{000000..000099}}.tar, "
+            "patterns joined by '::', or a list of them"
+        )
+    return [url for pattern in patterns for url in expand_shards(pattern, key)]
 
 
 def read_sizes(urls: list[str], key: str = "shards") -> int:

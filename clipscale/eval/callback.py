@@ -73,8 +73,9 @@ class ValidationCallback(Callback):
         every_n_steps: steps between evaluations; None or 0 turns the callback off.
         zeroshot: clip_benchmark-layout classification folders, logged `val/zeroshot/NAME/...`.
         retrieval: clip_benchmark-layout retrieval folders, logged `val/retrieval/NAME/...`.
-        val_shards: brace pattern of held-out training-format shards (jpg/png/webp + txt); None
-            uses the data module's val_dataloader() when it has one.
+        val_shards: held-out training-format shards (jpg/png/webp + txt): a brace pattern,
+            `a::b`, or a list of those, as `data.val_shards` takes them; None uses the data
+            module's val_dataloader() when it has one.
         batch_size: images per encoder call.
         num_workers: loader processes per rank.
         max_samples: evaluate at most this many samples of each dataset (None = all).
@@ -87,7 +88,7 @@ class ValidationCallback(Callback):
         every_n_steps: int | None,
         zeroshot: list[str] | tuple = (),
         retrieval: list[str] | tuple = (),
-        val_shards: str | None = None,
+        val_shards: str | list[str] | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
         max_samples: int | None = None,
@@ -107,7 +108,9 @@ class ValidationCallback(Callback):
                 raise ValueError(
                     f"{str(info.root)!r} is a {info.dataset_type} dataset, listed as {expected}"
                 )
-        self.val_shards = expand_shard_pattern(val_shards) if val_shards else None
+        self.val_shards = (
+            expand_shard_pattern(val_shards, "data.val_shards") if val_shards else None
+        )
         self.batch_size, self.num_workers = batch_size, num_workers
         self.max_samples, self.loss_block_size = max_samples, loss_block_size
         self.history: list[tuple[int, dict[str, float]]] = []

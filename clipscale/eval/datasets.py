@@ -21,6 +21,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from clipscale.data.shards import shard_urls
+
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 
 
@@ -159,12 +161,6 @@ def eval_loader(
     )
 
 
-def expand_shard_pattern(pattern: str) -> list[str]:
-    """Expand a brace pattern (`val-{000..009}.tar`, `::`-separated lists) as webdataset does."""
-    shards = []
-    for part in pattern.split("::"):
-        shards.extend(wds.shardlists.expand_urls(part))
-    missing = [s for s in shards if "://" not in s and not Path(s).is_file()]
-    if missing:
-        raise FileNotFoundError(f"shard pattern {pattern!r}: {missing[:3]} do not exist")
-    return shards
+def expand_shard_pattern(spec, key: str = "eval.val_shards") -> list[str]:
+    """Urls of a shard spec (brace pattern, `a::b`, or a list of those), as training reads them."""
+    return shard_urls(spec, key)
