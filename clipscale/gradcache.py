@@ -33,6 +33,12 @@ def encode(model, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tens
     return image_features, text_features
 
 
+def encode_foils(model, foil_texts: torch.Tensor) -> torch.Tensor:
+    """L2-normalised foil caption embeddings [B, F, D] of foil tokens [B, F, L]."""
+    flat = model.encode_text(foil_texts.flatten(0, 1))  # [B*F, D]
+    return F.normalize(flat, dim=-1).view(*foil_texts.shape[:2], -1)
+
+
 def full_batch_backward(model, images, texts, loss_fn: LossFn) -> torch.Tensor:
     """Encode the whole batch with a graph, compute the loss and back-propagate; returns the loss."""
     loss = loss_fn(*encode(model, images, texts), *logit_params(model))
@@ -59,11 +65,13 @@ def cached_backward(
     loss_fn: LossFn,
     chunk_size: int,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    foils: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Gradient-cached forward/backward of `loss_fn` on (images, texts); returns the loss value.
 
     `backward(scalar)` runs each back-propagation (the Lightning module passes manual_backward).
-    Chunks need not divide the batch: the last one is smaller.
+    Chunks need not divide the batch: the last one is smaller. `foils` = (foil tokens [B, F, L],
+    foil mask [B, F]): hard-negative captions, encoded and cached with their samples' chunk.
     """
     if chunk_size < 1:
         raise ValueError(
@@ -71,31 +79,39 @@ def cached_backward(
         )
     image_chunks = images.split(chunk_size)
     text_chunks = texts.split(chunk_size)
+    foil_chunks = foils[0].split(chunk_size) if foils is not None else [None] * len(image_chunks)
+
+    def encode_chunk(index: int) -> list[torch.Tensor]:
+        """[image_emb, text_emb] (+ foil_emb) of chunk `index`, in one fixed order of RNG use."""
+        embeddings = list(encode(model, image_chunks[index], text_chunks[index]))
+        if foils is not None:
+            embeddings.append(encode_foils(model, foil_chunks[index]))
+        return embeddings
 
     # Pass 1: embeddings without graph, remembering each chunk's RNG state.
-    rng_states, image_features, text_features = [], [], []
+    rng_states, cached = [], []
     with torch.no_grad():
-        for image_chunk, text_chunk in zip(image_chunks, text_chunks, strict=True):
+        for index in range(len(image_chunks)):
             rng_states.append(_rng_state(images.device))
-            image_emb, text_emb = encode(model, image_chunk, text_chunk)
-            image_features.append(image_emb)
-            text_features.append(text_emb)
+            cached.append(encode_chunk(index))
     rng_after = _rng_state(images.device)
 
     # The loss on the cached embeddings: its graph holds only embeddings and the logit parameters.
-    image_leaf = torch.cat(image_features).requires_grad_(True)  # [B, D]
-    text_leaf = torch.cat(text_features).requires_grad_(True)  # [B, D]
-    loss = loss_fn(image_leaf, text_leaf, *logit_params(model))
+    # leaves: image [B, D], text [B, D] (and foil [B, F, D])
+    leaves = [torch.cat(parts).requires_grad_(True) for parts in zip(*cached, strict=True)]
+    extra = {} if foils is None else {"foils": (leaves[2], foils[1])}
+    loss = loss_fn(leaves[0], leaves[1], *logit_params(model), **extra)
     backward(loss)  # grads reach logit_scale (and logit_bias) here, once
-    image_grads = image_leaf.grad.split(chunk_size)
-    text_grads = text_leaf.grad.split(chunk_size)
+    grads = [leaf.grad.split(chunk_size) for leaf in leaves]
 
     # Pass 2: re-encode each chunk with graph and push its slice of the cached gradient through.
-    for index, (image_chunk, text_chunk) in enumerate(zip(image_chunks, text_chunks, strict=True)):
+    for index in range(len(image_chunks)):
         _set_rng_state(rng_states[index], images.device)
-        image_emb, text_emb = encode(model, image_chunk, text_chunk)
+        embeddings = encode_chunk(index)
         # A scalar whose gradient w.r.t. the embeddings is exactly the cached slice.
-        surrogate = (image_emb * image_grads[index]).sum() + (text_emb * text_grads[index]).sum()
+        surrogate = sum(
+            (emb * grad[index]).sum() for emb, grad in zip(embeddings, grads, strict=True)
+        )
         backward(surrogate)
     _set_rng_state(rng_after, images.device)
     return loss.detach()

@@ -35,6 +35,35 @@ def _gather_pair(image_features, text_features, gather: bool):
     return all_image, all_text, rank() * image_features.shape[0], world_size()
 
 
+def gather_foils(foils, gather: bool) -> torch.Tensor | None:
+    """Every rank's valid foil (hard-negative) caption embeddings, [M, D], gathered with gradient.
+
+    `foils` is (foil_features [B, F, D], foil_mask [B, F] bool) or None. Foils are extra columns of
+    the image→text direction only (NegCLIP); the mask drops padding slots after the gather, so
+    every rank's collective has the same shape.
+    """
+    if foils is None:
+        return None
+    foil_features, foil_mask = foils
+    if foil_features.ndim != 3 or foil_mask.shape != foil_features.shape[:2]:
+        raise ValueError(
+            "foils must be (foil_features [B, F, D], foil_mask [B, F]), got shapes "
+            f"{tuple(foil_features.shape)} and {tuple(foil_mask.shape)}"
+        )
+    flat = foil_features.reshape(-1, foil_features.shape[-1])  # [B*F, D]
+    mask = foil_mask.reshape(-1).to(flat.dtype)
+    if gather and world_size() > 1:
+        flat = gather_with_grad(flat)  # [P*B*F, D]
+        mask = all_gather_no_grad(mask)
+    return flat[mask.bool()]
+
+
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's equally shaped tensor, without a gradient path."""
+    with torch.no_grad():
+        return gather_with_grad(tensor.detach())
+
+
 def _global_value(local_loss: torch.Tensor, num_ranks: int) -> torch.Tensor:
     """Value: sum of every rank's partial loss. Gradient: num_ranks * d(local_loss), see module doc."""
     if num_ranks == 1:
@@ -47,7 +76,10 @@ def dense_cross_entropy_sum(queries, keys, logit_scale, label_offset: int) -> to
     """Sum over rows i of cross-entropy of logit_scale * q_i·K with target key i + label_offset."""
     logits = logit_scale * queries @ keys.T  # [B, N]
     labels = torch.arange(queries.shape[0], device=queries.device) + label_offset
-    return F.cross_entropy(logits.float(), labels, reduction="sum")
+    # Half-precision logits are widened for the log-sum-exp; float64 stays float64.
+    return F.cross_entropy(
+        logits.to(torch.promote_types(logits.dtype, torch.float32)), labels, reduction="sum"
+    )
 
 
 class ClipLoss(nn.Module):
@@ -66,22 +98,28 @@ class ClipLoss(nn.Module):
         self.gather = gather
         self.chunk_size = chunk_size
 
-    def forward(self, image_features, text_features, logit_scale) -> torch.Tensor:
-        """Global loss (scalar) from this rank's L2-normalised features [B, D] and the exp'd scale."""
+    def forward(self, image_features, text_features, logit_scale, foils=None) -> torch.Tensor:
+        """Global loss (scalar) from this rank's L2-normalised features [B, D] and the exp'd scale.
+
+        `foils` = (foil_features [B, F, D], foil_mask [B, F]) adds every rank's valid foil captions
+        as extra negatives of the image→text direction (hard negatives, as NegCLIP).
+        """
         _check_features(image_features, text_features)
         all_image, all_text, offset, num_ranks = _gather_pair(
             image_features, text_features, self.gather
         )
         num_global = all_image.shape[0]
+        all_foils = gather_foils(foils, self.gather)
+        text_keys = all_text if all_foils is None else torch.cat([all_text, all_foils])
         if self.chunk_size is None:
             row_sums = dense_cross_entropy_sum(
-                image_features, all_text, logit_scale, offset
+                image_features, text_keys, logit_scale, offset
             ) + dense_cross_entropy_sum(text_features, all_image, logit_scale, offset)
         else:
             from clipscale.tiled import tiled_cross_entropy_sum
 
             row_sums = tiled_cross_entropy_sum(
-                image_features, all_text, logit_scale, offset, self.chunk_size
+                image_features, text_keys, logit_scale, offset, self.chunk_size
             ) + tiled_cross_entropy_sum(
                 text_features, all_image, logit_scale, offset, self.chunk_size
             )
@@ -100,8 +138,13 @@ class SigLipLoss(nn.Module):
         super().__init__()
         self.gather = gather
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
-        """Global loss (scalar); `logit_bias` is the model's learnable bias (open_clip's name)."""
+    def forward(
+        self, image_features, text_features, logit_scale, logit_bias, foils=None
+    ) -> torch.Tensor:
+        """Global loss (scalar); `logit_bias` is the model's learnable bias (open_clip's name).
+
+        `foils` as in ClipLoss: each valid foil caption is one more negative pair for every image.
+        """
         _check_features(image_features, text_features)
         if logit_bias is None:
             raise ValueError(
@@ -114,5 +157,9 @@ class SigLipLoss(nn.Module):
         signs = -torch.ones_like(logits)
         rows = torch.arange(logits.shape[0], device=logits.device)
         signs[rows, rows + offset] = 1.0
-        local_loss = -F.logsigmoid(signs * logits).sum() / num_global
-        return _global_value(local_loss, num_ranks)
+        local_sum = -F.logsigmoid(signs * logits).sum()
+        all_foils = gather_foils(foils, self.gather)
+        if all_foils is not None and len(all_foils):
+            foil_logits = logit_scale * image_features @ all_foils.T + logit_bias  # [B, M]
+            local_sum = local_sum - F.logsigmoid(-foil_logits).sum()
+        return _global_value(local_sum / num_global, num_ranks)

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from clipscale.config import ConfigError
 from clipscale.distributed import all_reduce_gradients, all_reduce_sum, world_size
 from clipscale.flops import forward_flops_per_sample, peak_tflops, train_flops_per_sample
-from clipscale.gradcache import cached_backward, encode, logit_params
+from clipscale.gradcache import cached_backward, encode, encode_foils, logit_params
 from clipscale.models import build_model, normalize_images
 from clipscale.optim import parameter_groups, warmup_cosine
 
@@ -101,13 +101,24 @@ class CLIPModule(L.LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         optimizer.zero_grad(set_to_none=True)
 
+        # Hard-negative captions (data.hard_negatives): tokens [B, F, L] and a mask [B, F].
+        foils = (batch["foil_texts"], batch["foil_mask"]) if "foil_texts" in batch else None
         if self.chunk_size is None:
-            loss = self.loss_fn(*self.encode(images, texts), *logit_params(self.model))
+            extra = (
+                {} if foils is None else {"foils": (encode_foils(self.model, foils[0]), foils[1])}
+            )
+            loss = self.loss_fn(*self.encode(images, texts), *logit_params(self.model), **extra)
             self.manual_backward(loss)  # DDP averages the gradients here
             loss = loss.detach()
         else:
             loss = cached_backward(
-                self.model, images, texts, self.loss_fn, self.chunk_size, self.manual_backward
+                self.model,
+                images,
+                texts,
+                self.loss_fn,
+                self.chunk_size,
+                self.manual_backward,
+                foils=foils,
             )
             all_reduce_gradients(self.parameters())
 
