@@ -3,7 +3,9 @@
 Rank convention: the rank of a query is 1 + the number of wrong candidates scoring at least as
 high as its best right one, so ties count against the model (a collapsed model that scores
 everything equal gets rank = gallery size, not 1). Without ties this is the usual rank, and
-Recall@K agrees with clip_benchmark's "at least one positive in the top K".
+Recall@K agrees with clip_benchmark's "at least one positive in the top K". A non-finite
+score (from NaN/inf features) is the worst possible score: a query whose right answers score NaN
+gets the worst rank, and a NaN wrong candidate never outranks anything.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from clipscale.distributed import all_gather_rows, rank, world_size
 from clipscale.eval.datasets import eval_loader
 from clipscale.eval.geometry import modality_gap_metrics
+from clipscale.eval.zeroshot import nonfinite_rows, warn_nonfinite
 
 RECALL_KS = (1, 5, 10)
 # Largest score tile [rows, gallery] held at once: 2**24 float32 = 64 MiB, at any gallery size
@@ -23,6 +26,12 @@ MAX_TILE_ELEMENTS = 2**24
 def _query_chunks(query_rows: torch.Tensor, gallery_size: int, max_tile_elements: int):
     rows_per_chunk = max(1, max_tile_elements // max(gallery_size, 1))
     return query_rows.split(rows_per_chunk)
+
+
+def _finite_or_worst(scores: torch.Tensor) -> torch.Tensor:
+    # NaN compares false with everything, so a NaN positive would get rank 1; -inf ranks last
+    # (and ties with other -inf count against the query, as all ties do)
+    return scores.masked_fill(~torch.isfinite(scores), float("-inf"))
 
 
 @torch.no_grad()
@@ -48,7 +57,7 @@ def image_to_text_ranks(
     ranks = [torch.zeros(0, dtype=torch.long, device=image_features.device)]
     for rows in _query_chunks(query_rows, text_features.shape[0], max_tile_elements):
         rows = rows.to(image_features.device)
-        scores = image_features[rows] @ text_features.T  # [c, T]
+        scores = _finite_or_worst(image_features[rows] @ text_features.T)  # [c, T]
         positive = text_image_index[None, :] == rows[:, None]  # [c, T]
         best_positive = scores.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
         ranks.append(1 + ((scores >= best_positive) & ~positive).sum(dim=1))
@@ -69,7 +78,7 @@ def text_to_image_ranks(
     ranks = [torch.zeros(0, dtype=torch.long, device=image_features.device)]
     for rows in _query_chunks(query_rows, image_features.shape[0], max_tile_elements):
         rows = rows.to(text_features.device)
-        scores = text_features[rows] @ image_features.T  # [c, I]
+        scores = _finite_or_worst(text_features[rows] @ image_features.T)  # [c, I]
         positive_score = scores.gather(1, text_image_index[rows, None])  # [c, 1]
         # counts the own image too, so this is 1 + the wrong images scoring at least as high
         ranks.append((scores >= positive_score).sum(dim=1))
@@ -178,11 +187,13 @@ def score_image_caption_set(
     first_caption,
     logit_scale=None,
     loss_block_size=None,
+    name: str = "image-caption set",
 ) -> dict:
     """Retrieval and geometry (on image–first-caption pairs) of a gathered set, same on all ranks.
 
     Inputs are what `encode_image_caption_set` returns, already on the device to score on; with
-    `logit_scale` and `loss_block_size`, the blockwise contrastive loss is added.
+    `logit_scale` and `loss_block_size`, the blockwise contrastive loss is added; `name` labels
+    the warning about non-finite feature rows (counted in `nonfinite_*features`).
     """
     if image_features.shape[0] < 2:
         raise ValueError(f"an image-caption set needs 2+ images, got {image_features.shape[0]}")
@@ -193,6 +204,16 @@ def score_image_caption_set(
     i2t = image_to_text_ranks(image_features, text_features, text_image_index, my_images)
     t2i = text_to_image_ranks(text_features, image_features, text_image_index, my_texts)
     metrics = retrieval_metrics(all_gather_rows(i2t), all_gather_rows(t2i))
+    # rows with NaN/inf: the gathered set is the same on every rank, so no reduction is needed
+    nonfinite_images, nonfinite_texts = (
+        nonfinite_rows(image_features),
+        nonfinite_rows(text_features),
+    )
+    metrics["nonfinite_features"] = nonfinite_images + nonfinite_texts
+    metrics["nonfinite_image_features"] = nonfinite_images
+    metrics["nonfinite_text_features"] = nonfinite_texts
+    if this_rank == 0:
+        warn_nonfinite(name, nonfinite_images, nonfinite_texts)
     paired_text = text_features[first_caption.to(text_features.device)]  # [I, D]
     metrics.update(modality_gap_metrics(image_features, paired_text))
     if loss_block_size is not None and logit_scale is not None:

@@ -1,11 +1,14 @@
 """Zero-shot classification with a prompt-template ensemble, computed as clip_benchmark does.
 
 A class embedding is the normalised mean of its normalised template embeddings; an image's class
-is the one whose embedding has the highest cosine with the image's. Counts (not per-rank
+is the one whose embedding has the highest cosine with the image's. A sample whose scores hold a
+NaN or an infinity counts as a miss, and the non-finite feature rows are counted. Counts (not per-rank
 accuracies) are summed over ranks, so a sharded run reports exactly the single-process numbers.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,8 @@ from clipscale.eval.coder import (
     split_support_query,
 )
 from clipscale.eval.datasets import EvalDatasetInfo, eval_loader
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -50,11 +55,29 @@ def zeroshot_logits(model, classifier, images) -> torch.Tensor:
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-sample bool [B]: is the target among the k highest scores (ties count as misses)."""
+    """Per-sample bool [B]: is the target among the k highest scores (ties, NaN/inf are misses)."""
     target_scores = logits.gather(1, targets[:, None])  # [B, 1]
     # the target's rank when every tied class is placed before it, so a constant score is wrong
     rank = (logits >= target_scores).sum(dim=1)
-    return rank <= min(k, logits.shape[1])
+    # every comparison with NaN is false (rank 0 would count as a hit): a row with any
+    # non-finite score is a miss, so a model that outputs NaN scores 0, not 1
+    return (rank <= min(k, logits.shape[1])) & torch.isfinite(logits).all(dim=1)
+
+
+def nonfinite_rows(features: torch.Tensor) -> int:
+    """Number of rows of `features` [N, ...] holding a NaN or an infinity."""
+    return int((~torch.isfinite(features.reshape(features.shape[0], -1))).any(dim=1).sum())
+
+
+def warn_nonfinite(name: str, images: int, texts: int) -> None:
+    """Log a warning when an evaluation met non-finite image or text features."""
+    if images or texts:
+        log.warning(
+            "%s: %d image and %d text feature rows are NaN/inf; they were scored as misses",
+            name,
+            images,
+            texts,
+        )
 
 
 def accuracy_from_counts(totals: torch.Tensor, hits: torch.Tensor, classnames) -> dict:
@@ -109,6 +132,7 @@ def evaluate_zeroshot(
     text_bank = bank.flatten(0, 1)  # [C*T, D]
     bank_class = torch.arange(num_classes, device=device).repeat_interleave(bank.shape[1])
     counts = torch.zeros(4, num_classes, dtype=torch.long)  # rows: samples, top1, top5, coder
+    nonfinite_images = torch.zeros(1, dtype=torch.long)  # summed over ranks below
     kept = []
     loader = eval_loader(
         info.shards, transform, False, batch_size, rank=this_rank, world_size=num_ranks, **loader_kw
@@ -117,6 +141,7 @@ def evaluate_zeroshot(
         targets = torch.tensor(targets)
         _check_targets(targets, num_classes, info.name)
         image_features = F.normalize(model.encode_image(images.to(device)), dim=-1).cpu()
+        nonfinite_images += nonfinite_rows(image_features)
         logits = image_features @ classifier.cpu()  # [B, C]
         rows = [torch.ones_like(targets, dtype=torch.bool)]
         rows += [topk_correct(logits, targets, 1), topk_correct(logits, targets, 5)]
@@ -130,6 +155,8 @@ def evaluate_zeroshot(
         if coder_shots is not None:
             kept.append(torch.cat([indices[:, None], targets[:, None], image_features], dim=1))
     counts = all_reduce_sum(counts)
+    nonfinite_images = int(all_reduce_sum(nonfinite_images).item())
+    nonfinite_prompts = nonfinite_rows(bank.flatten(0, 1))  # the same on every rank
     if counts[0].sum() == 0:
         raise ValueError(f"zero-shot dataset {str(info.root)!r} has no samples")
     top1 = accuracy_from_counts(counts[0], counts[1], info.classnames)
@@ -140,7 +167,13 @@ def evaluate_zeroshot(
         "mean_per_class_recall": top1["mean_per_class"],
         "num_samples": int(counts[0].sum()),
         "per_class_top1": top1["per_class"],
+        # feature rows with NaN/inf (images + prompts); their samples were scored as misses
+        "nonfinite_features": nonfinite_images + nonfinite_prompts,
+        "nonfinite_image_features": nonfinite_images,
+        "nonfinite_text_features": nonfinite_prompts,
     }
+    if this_rank == 0:
+        warn_nonfinite(info.name, nonfinite_images, nonfinite_prompts)
     if coder_k is not None:
         metrics["coder_top1"] = (counts[3].sum().double() / counts[0].sum()).item()
     if coder_shots is not None:
