@@ -1,13 +1,13 @@
-"""Webdataset tar shards -> batches of images and tokens, with every bad sample counted by kind.
+"""Webdataset tar shards -> batches of images and tokens: the data module and its stream.
 
-A sample is the group of consecutive tar members sharing a key (`KEY.jpg` + `KEY.txt` +
-`KEY.json`, as img2dataset writes them). Stages run inside each loader worker:
+Stages, each in its own module, run inside every loader worker:
 
-    shard urls (resampled with weights, or split over ranks × workers)
-      -> tar members grouped into samples      (unopenable/truncated/empty shards counted)
-      -> shuffle buffer of raw bytes            (training only)
-      -> decode + transform image, read caption (missing/corrupt members counted)
-      -> batch + tokenise                       (counts since the previous batch attached)
+    sources.py   shard urls: resampled with weights, or one pass split over ranks × workers
+    reading.py   tar members grouped into samples of raw bytes (bad shards/members counted)
+                 -> shuffle buffer of raw bytes (training only)
+    pipeline.py  decode + augment the image, check the caption (bad samples counted)
+                 -> batch + tokenise (counts since the previous batch attached)
+    loader.py    the loader that starts each pass at a position, and that position
 
 Every batch carries `"skipped": {kind: LongTensor[]}` with all of `SKIP_KINDS`, so the sums taken
 by the LightningModule have the same keys on every rank.
@@ -15,269 +15,46 @@ by the LightningModule have the same keys on every rank.
 
 from __future__ import annotations
 
-import gzip
-import io
 import itertools
 import logging
 import math
 import multiprocessing
 import random
-import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset import gopen
+from torch.utils.data import IterableDataset, get_worker_info
 
 from clipscale import distributed
-from clipscale.data.shards import expand_shards, read_sizes
+from clipscale.data.loader import EpochLoader, StreamPosition, gather_rank_states
+from clipscale.data.pipeline import batched, decoded, with_trailing_skips
+from clipscale.data.reading import SKIP_KINDS, SkipCounter, read_segments, shuffled
+from clipscale.data.shards import expand_shards, read_sizes, shard_urls
+from clipscale.data.sources import (
+    cumulative,
+    epoch_order,
+    one_pass_plan,
+    resampled_urls,
+    strided_plan,
+    worker_batch_ids,
+)
+from clipscale.data.sources import shard_sizes as read_shard_sizes
 from clipscale.models import build_tokenizer, build_transforms
+
+__all__ = ["SKIP_KINDS", "EpochLoader", "ShardStream", "WebDataModule"]
 
 log = logging.getLogger(__name__)
 
-SKIP_KINDS = (
-    "unopenable_shard",  # the shard could not be opened (missing file, failing pipe: command)
-    "truncated_shard",  # the tar stream broke or ended early; the sample being read is dropped
-    "empty_shard",  # the shard opened cleanly but held no sample
-    "unreadable_member",  # a member that is not a regular file or has no KEY.EXT name
-    "missing_image",  # a sample without a jpg/jpeg/png/webp member
-    "missing_caption",  # a sample without a txt member, or with an empty caption
-    "corrupt_image",  # image bytes that PIL cannot decode (truncated, not an image at all)
-    "corrupt_caption",  # caption bytes that are not UTF-8
-)
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-CAPTION_EXT = "txt"
-BLOCK = 512  # tar block size; an archive ends with a block of zeros
-MAX_BARREN_SHARDS = 100  # consecutive shards without one sample: the data source is broken
-LOGGED_PER_KIND = 5  # per worker, the first skips of each kind are logged one by one
-
-
-class SkipCounter:
-    """Counts skipped samples by kind since the last `take()`, logging the first ones by name."""
-
-    def __init__(self) -> None:
-        self.pending = dict.fromkeys(SKIP_KINDS, 0)
-        self.total = dict.fromkeys(SKIP_KINDS, 0)
-
-    def add(self, kind: str, where: str, reason: object = "") -> None:
-        """Count one skip of `kind` at `where` (shard url and key); log it while still rare."""
-        self.pending[kind] += 1
-        self.total[kind] += 1
-        count = self.total[kind]
-        # Rate limit: the first few by name, then one line at each power of ten.
-        if count <= LOGGED_PER_KIND or math.log10(count).is_integer():
-            log.warning("skipped %s #%d in this worker: %s %s", kind, count, where, reason)
-
-    def take(self) -> dict[str, torch.Tensor]:
-        """Counts since the previous call, as 0-d LongTensors (the batch's `skipped` entry)."""
-        counts = {kind: torch.tensor(n, dtype=torch.long) for kind, n in self.pending.items()}
-        self.pending = dict.fromkeys(SKIP_KINDS, 0)
-        return counts
-
-
-class _TailReader:
-    """A byte stream that remembers how many bytes passed and the last 64 KiB of them.
-
-    Python's tarfile stops silently when a stream ends at a header boundary; checking for the
-    zero block where the last header was read is what tells a complete archive from a cut one.
-    """
-
-    TAIL = 64 * 1024  # more than tarfile reads past a header (one 10 KiB record)
-
-    def __init__(self, stream) -> None:
-        self.stream = stream
-        self.position = 0
-        self.tail = bytearray()
-
-    def read(self, size: int = -1) -> bytes:
-        """Read like the wrapped stream, recording the bytes."""
-        data = self.stream.read(size)
-        self.position += len(data)
-        self.tail += data
-        del self.tail[: -self.TAIL]
-        return data
-
-    def zero_block_at(self, offset: int) -> bool:
-        """True if a full block of zeros (the end-of-archive marker) was read at `offset`."""
-        start = len(self.tail) - (self.position - offset)
-        block = self.tail[start : start + BLOCK] if start >= 0 else b""
-        return len(block) == BLOCK and not any(block)
-
-
-def _split_name(name: str) -> tuple[str, str] | None:
-    """`dir/KEY.EXT` -> (dir/KEY, ext lowercased), as webdataset splits at the first dot."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not (stem and dot and ext):
-        return None
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
-def shard_samples(url: str, counter: SkipCounter) -> Iterator[dict]:
-    """Yield the samples of one shard as {"__key__", "__url__", ext: bytes}; never raises on bad data."""
-    try:
-        stream = gopen(url, "rb")
-    except Exception as error:  # each scheme's opener raises its own types (OSError, ValueError...)
-        counter.add("unopenable_shard", url, error)
-        return
-    reader = _TailReader(gzip.GzipFile(fileobj=stream) if url.endswith((".gz", ".tgz")) else stream)
-    sample: dict = {}
-    found = 0
-    try:
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
-            for member in tar:
-                parts = _split_name(member.name)
-                if member.isdir():
-                    continue
-                if not member.isfile() or parts is None:
-                    counter.add("unreadable_member", f"{url}:{member.name}")
-                    continue
-                if sample and parts[0] != sample["__key__"]:
-                    # A new key closes the previous sample, before this member's data can fail.
-                    found += 1
-                    yield sample
-                    sample = {}
-                data = tar.extractfile(member).read()
-                sample.update({"__key__": parts[0], "__url__": url, parts[1]: data})
-            if not reader.zero_block_at(tar.offset):
-                raise tarfile.ReadError(f"stream ends at byte {reader.position} without end block")
-        stream.close()  # a pipe: url reports its command's exit status here
-    except Exception as error:  # tarfile, gzip, zlib and pipe failures all mean a broken stream
-        if reader.position > 0:
-            counter.add("truncated_shard", url, error)
-        elif isinstance(error, tarfile.ReadError) and _closes_cleanly(stream):
-            counter.add("empty_shard", url, "zero bytes")
-        else:
-            counter.add("unopenable_shard", url, error)
-        return
-    finally:
-        # Also when the consumer stops mid-shard (end of epoch): release the file or pipe.
-        _closes_cleanly(stream)
-    if sample:
-        found += 1
-        yield sample
-    if found == 0:
-        counter.add("empty_shard", url, "no samples")
-
-
-def _closes_cleanly(stream) -> bool:
-    """Close `stream` (again: harmless); False if that fails (a pipe: command's error exit)."""
-    try:
-        stream.close()
-    except Exception:  # noqa: BLE001 - any failure here means the source could not be read
-        return False
-    return True
-
-
-def read_shards(urls: Iterable[str], counter: SkipCounter) -> Iterator[dict]:
-    """Samples of each shard in turn; raise if many shards in a row give nothing at all."""
-    barren = 0
-    for url in urls:
-        barren += 1
-        for sample in shard_samples(url, counter):
-            barren = 0
-            yield sample
-        if barren >= MAX_BARREN_SHARDS:
-            raise RuntimeError(
-                f"{barren} shards in a row gave no sample (last {url!r}); the data source is "
-                "broken: check data.train_shards / data.val_shards and the skip warnings above"
-            )
-
-
-def shuffled(samples: Iterable, buffer_size: int, rng: random.Random) -> Iterator:
-    """Shuffle a stream through a buffer of `buffer_size` items (0 or 1: unchanged order)."""
-    buffer: list = []
-    for sample in samples:
-        if len(buffer) < buffer_size:
-            buffer.append(sample)
-            continue
-        index = rng.randrange(buffer_size)
-        yield buffer[index]
-        buffer[index] = sample
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def decoded(samples: Iterable[dict], counter: SkipCounter, transform: Callable) -> Iterator:
-    """(key, image tensor [3,H,W], caption) for each usable sample; the rest are counted."""
-    for sample in samples:
-        where = f"{sample['__url__']}:{sample['__key__']}"
-        image_ext = next((ext for ext in IMAGE_EXTS if ext in sample), None)
-        if image_ext is None:
-            counter.add("missing_image", where)
-            continue
-        if CAPTION_EXT not in sample:
-            counter.add("missing_caption", where)
-            continue
-        try:
-            caption = sample[CAPTION_EXT].decode("utf-8").strip()
-        except UnicodeDecodeError as error:
-            counter.add("corrupt_caption", where, error)
-            continue
-        if not caption:
-            counter.add("missing_caption", where, "empty caption")
-            continue
-        try:
-            with Image.open(io.BytesIO(sample[image_ext])) as image:
-                rgb = image.convert("RGB")  # forces the full decode, so truncation shows here
-        except UnidentifiedImageError:
-            counter.add("corrupt_image", where, f"{image_ext} member is no image PIL can read")
-            continue
-        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-            counter.add("corrupt_image", where, error)
-            continue
-        yield sample["__key__"], transform(rgb), caption
-
-
-def _batch_buffer(batch_size: int, image: torch.Tensor) -> torch.Tensor:
-    """An empty [batch_size, *image.shape] tensor, in shared memory inside a loader worker."""
-    buffer = torch.empty((batch_size, *image.shape), dtype=image.dtype)
-    # Allocated shared from the start, it crosses to the main process without another copy.
-    return buffer.share_memory_() if get_worker_info() is not None else buffer
-
-
-def batched(items: Iterable, counter: SkipCounter, batch_size: int, tokenizer, drop_last: bool):
-    """Collate (key, image, caption) items into batch dicts carrying the skip counts."""
-    iterator = iter(items)
-    while True:
-        images, keys, captions = None, [], []
-        for key, image, caption in itertools.islice(iterator, batch_size):
-            # Copying each image in as it comes lets the allocator reuse one image's memory for
-            # the next; holding a list of them and stacking costs fresh pages every batch.
-            images = _batch_buffer(batch_size, image) if images is None else images
-            images[len(keys)] = image
-            keys.append(key)
-            captions.append(caption)
-        if not keys or (drop_last and len(keys) < batch_size):
-            return
-        yield {
-            "images": images[: len(keys)],  # [B, 3, H, W]
-            "texts": tokenizer(captions),  # [B, context_length]
-            "keys": keys,
-            "skipped": counter.take(),
-        }
-
-
-def with_trailing_skips(batches: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
-    """Hold one batch back so skips met after the last batch are added to it, not lost."""
-    held = None
-    for batch in batches:
-        if held is not None:
-            yield held
-        held = batch
-    if held is not None:
-        for kind, count in counter.take().items():
-            held["skipped"][kind] += count
-        yield held
-
 
 class ShardStream(IterableDataset):
-    """Batches from shards for one rank: resampled for training, or each sample once.
+    """Batches from shards for one rank: resampled for training, or each sample once per epoch.
 
     `rank`/`world_size` are explicit so one process can build every rank's view (tests); the
-    WebDataModule passes Lightning's. Loader workers split the rank's share again.
+    WebDataModule passes Lightning's. `num_workers` must be the loader's: the plan gives worker
+    w the batches k with k mod W = w, the order in which the DataLoader collects them.
+    One pass (`resampled=False`) needs per-shard sample counts (`shard_sizes`, else sizes.json
+    beside the shards); without them only evaluation streams run, dealing whole shards out.
     """
 
     def __init__(
@@ -296,93 +73,119 @@ class ShardStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
+        shard_sizes: list[int] | None = None,
     ) -> None:
         super().__init__()
         if not urls:
             raise ValueError("ShardStream needs at least one shard url")
-        readers = world_size * max(1, num_workers)
-        if not resampled and len(urls) < readers:
-            raise ValueError(
-                f"{len(urls)} shards cannot be split over {world_size} ranks x "
-                f"{max(1, num_workers)} workers = {readers} readers without leaving some idle or "
-                "reading a shard twice: lower data.num_workers, or write more, smaller shards"
-            )
         self.urls = urls
+        self.sizes = None if resampled else (shard_sizes or read_shard_sizes(urls))
+        if training and not resampled and self.sizes is None:
+            raise ValueError(
+                "data.resampled=false needs each shard's sample count to give every rank the "
+                "same number of batches: write sizes.json beside the shards (python -m "
+                "clipscale.data.shards writes it), or set data.resampled=true"
+            )
+        if resampled and samples_per_epoch is None:
+            raise ValueError("resampled shards need samples_per_epoch (the epoch never runs dry)")
         self.transform, self.tokenizer = transform, tokenizer
         self.batch_size, self.training, self.resampled = batch_size, training, resampled
-        # Cumulative weights make each draw a bisection, not a pass over millions of shards.
-        self.cum_weights = list(itertools.accumulate(shard_weights)) if shard_weights else None
+        self.cum_weights = cumulative(shard_weights)
         self.samples_per_epoch, self.shuffle_buffer = samples_per_epoch, shuffle_buffer
-        self.seed, self.rank, self.world_size, self.num_workers = (
-            seed,
-            rank,
-            world_size,
-            num_workers,
-        )
-        # Shared memory, so that persistent workers see the epoch set in the main process.
-        self.epoch = multiprocessing.Value("i", 0)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.workers = max(1, num_workers)
+        # Shared memory, so that persistent workers see what the main process sets per pass.
+        self.epoch = multiprocessing.Value("q", 0)
+        self.done = multiprocessing.Value("q", 0)  # batches of the epoch taken before this pass
+        self.salt = multiprocessing.Value("q", 0)  # > 0: an approximate resume's fresh draw
+        self.cursors = multiprocessing.Array("q", self.workers)
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose shard and sample order the next pass produces."""
-        self.epoch.value = epoch
+        """Choose the epoch whose shard and sample order the next pass produces, from its start."""
+        self.start(epoch, 0, [0] * self.workers, 0)
 
-    def _batches_per_worker(self, workers: int) -> int | None:
-        if self.samples_per_epoch is None:
+    def start(self, epoch: int, done: int, cursors: list[int], salt: int) -> None:
+        """Make the next pass continue `epoch` after `done` batches, each worker at its cursor."""
+        self.epoch.value, self.done.value, self.salt.value = epoch, done, salt
+        self.cursors[:] = cursors
+
+    def plan(self, epoch: int, salt: int = 0):
+        """This rank's EpochPlan for a one-pass epoch (None when resampled)."""
+        if self.resampled:
             return None
-        batches_per_rank = math.ceil(self.samples_per_epoch / (self.batch_size * self.world_size))
-        return math.ceil(batches_per_rank / workers)
+        order = epoch_order(len(self.urls), _tag(self.seed, salt), epoch, shuffle=self.training)
+        if self.sizes is None:
+            return strided_plan(self.urls, order, self.rank, self.world_size, self.workers)
+        return one_pass_plan(
+            self.urls,
+            self.sizes,
+            order,
+            rank=self.rank,
+            world_size=self.world_size,
+            workers=self.workers,
+            batch_size=self.batch_size,
+            drop_last=self.training,
+        )
+
+    def batches_per_epoch(self) -> int | None:
+        """Batches this rank receives per epoch; None when unknown (shards without sizes)."""
+        if self.resampled:
+            return math.ceil(self.samples_per_epoch / (self.batch_size * self.world_size))
+        return self.plan(0).batches if self.sizes is not None else None
 
     def __len__(self) -> int:
-        workers = max(1, self.num_workers)
-        per_worker = self._batches_per_worker(workers)
-        if per_worker is None:
-            raise TypeError("a pass over all shards has no length known in advance")
-        return per_worker * workers
-
-    def _shard_urls(self, worker: int, workers: int, epoch: int) -> Iterator[str]:
-        if self.resampled:
-            rng = random.Random(f"shards:{self.seed}:{epoch}:{self.rank}:{worker}")
-            while True:
-                yield rng.choices(self.urls, cum_weights=self.cum_weights)[0]
-        order = list(self.urls)
-        if self.training:
-            # One permutation for all ranks and workers (seeded without them): the strided
-            # split below stays a partition of the shards.
-            random.Random(f"order:{self.seed}:{epoch}").shuffle(order)
-        yield from order[self.rank * workers + worker :: self.world_size * workers]
+        batches = self.batches_per_epoch()
+        if batches is None:
+            raise TypeError("a pass over shards without sizes.json has no length known in advance")
+        return batches
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch = self.epoch.value
+        physical = info.id if info is not None else 0
+        if (info.num_workers if info is not None else 1) != self.workers:
+            raise RuntimeError(
+                f"ShardStream was planned for {self.workers} loader workers but runs in "
+                f"{info.num_workers if info else 0}; pass the loader's num_workers"
+            )
+        epoch, done, salt = self.epoch.value, self.done.value, self.salt.value
+        # The loader's round robin restarts at physical worker 0, which must make batch `done`.
+        worker = (physical + done) % self.workers
+        tag = f"{_tag(self.seed, salt)}:{epoch}:{self.rank}:{worker}"
         counter = SkipCounter()
-        samples = read_shards(self._shard_urls(worker, workers, epoch), counter)
+        if self.resampled:
+            segments = resampled_urls(self.urls, self.cum_weights, tag)
+        else:
+            segments = self.plan(epoch, salt).segments[worker]
+        mine = None  # evaluation: until the worker's samples end (its share is exact already)
+        if self.training:
+            planned = worker_batch_ids(self.batches_per_epoch(), self.workers, worker)
+            mine = len(planned) - len(worker_batch_ids(done, self.workers, worker))
+        samples = read_segments(segments, counter)
         if self.training and self.shuffle_buffer > 1:
-            rng = random.Random(f"samples:{self.seed}:{epoch}:{self.rank}:{worker}")
-            samples = shuffled(samples, self.shuffle_buffer, rng)
-        items = decoded(samples, counter, self.transform)
-        batches = batched(items, counter, self.batch_size, self.tokenizer, self.training)
-        per_worker = self._batches_per_worker(workers)
-        if per_worker is not None:
-            batches = itertools.islice(batches, per_worker)
-        return with_trailing_skips(batches, counter)
+            samples = shuffled(samples, self.shuffle_buffer, random.Random(f"samples:{tag}"))
+        indexed = enumerate(samples)
+        cursor = self.cursors[worker] if done else 0
+        if cursor:
+            # Fast-forward on raw bytes (no decoding): the skips met were counted before.
+            next(itertools.islice(indexed, cursor - 1, None), None)
+            counter.take()
+        items = decoded(indexed, counter, self.transform, tag)
+        position = (epoch, worker, cursor) if self.training else None
+        stream = batched(
+            items,
+            counter,
+            batch_size=self.batch_size,
+            tokenizer=self.tokenizer,
+            batches=mine,
+            drop_last=self.training,
+            position=position,
+        )
+        return with_trailing_skips(stream, counter)
 
 
-class EpochLoader(DataLoader):
-    """A DataLoader that sets its ShardStream's epoch each time a pass begins."""
-
-    def __init__(self, dataset: ShardStream, current_epoch: Callable[[], int] | None, **kwargs):
-        # Batches are made in the workers, so the loader itself must not batch again.
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self.current_epoch = current_epoch
-        self.passes = 0
-
-    def __iter__(self):
-        # The trainer's epoch keeps the order right after a resume; alone, count the passes.
-        epoch = self.current_epoch() if self.current_epoch is not None else self.passes
-        self.passes += 1
-        self.dataset.set_epoch(epoch)
-        return super().__iter__()
+def _tag(seed: int, salt: int) -> str:
+    """The seed part of every RNG name; an approximate resume's salt makes a fresh draw."""
+    return f"{seed}" if not salt else f"{seed}~{salt}"
 
 
 def _rank_and_world_size(trainer) -> tuple[int, int]:
@@ -393,7 +196,7 @@ def _rank_and_world_size(trainer) -> tuple[int, int]:
 
 
 def _patterns(spec, key: str) -> list[str]:
-    """A shard spec (pattern string, `a::b` string or list of patterns) as a list of patterns."""
+    """The sources of a train spec (`a::b` or a list: one per entry, as train_weights counts)."""
     if isinstance(spec, str):
         return spec.split("::")
     patterns = list(spec)
@@ -408,6 +211,8 @@ class WebDataModule(L.LightningDataModule):
     `train_shards`/`val_shards`: a brace pattern (`/data/{00000..00999}.tar`), a `pipe:` command
     (`pipe:aws s3 cp s3://bucket/{0..9}.tar -`), `a::b`, or a list. With `train_weights`, each
     entry of the train list is a source drawn with that share of shards (resampling only).
+    The training stream's position is part of the checkpoint (`state_dict`); `resume` says
+    whether a resume continues it exactly or redraws the rest of the epoch.
     """
 
     def __init__(
@@ -426,6 +231,7 @@ class WebDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
         uint8_images: bool = True,
+        resume: str = "exact",
     ) -> None:
         super().__init__()
         for key, value, least in [
@@ -443,10 +249,12 @@ class WebDataModule(L.LightningDataModule):
                 f"data.samples_per_epoch={samples_per_epoch!r}: expected a positive integer, or "
                 "null to read the count from sizes.json beside the shards"
             )
+        if resume not in ("exact", "approximate"):
+            raise ValueError(f"data.resume={resume!r}: expected exact or approximate")
         self.train_patterns = (
             None if train_shards is None else _patterns(train_shards, "data.train_shards")
         )
-        self.val_patterns = None if val_shards is None else _patterns(val_shards, "data.val_shards")
+        self.val_shards = val_shards
         self.train_weights = None if train_weights is None else [float(w) for w in train_weights]
         if self.train_weights is not None:
             if self.train_patterns is None or len(self.train_weights) != len(self.train_patterns):
@@ -466,17 +274,41 @@ class WebDataModule(L.LightningDataModule):
             batch_size,
             num_workers,
         )
-        self.model_name, self.seed = model_name, seed
+        self.model_name, self.seed, self.resume = model_name, seed, resume
         self.uint8_images = uint8_images
-        self.loader_options = {
-            "num_workers": num_workers,
-            "pin_memory": pin_memory and torch.cuda.is_available(),
-            "persistent_workers": persistent_workers and num_workers > 0,
-            "prefetch_factor": prefetch_factor if num_workers > 0 else None,
-        }
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
+        self.prefetch_factor = prefetch_factor
         self.train_stream: ShardStream | None = None
         self.val_stream: ShardStream | None = None
+        self.position: StreamPosition | None = None
+        self.loaded_state: dict | None = None  # a checkpoint's position, until setup builds ours
+        self.trim_ranks = False  # one-pass training on several ranks: batches may come short
         self.skipped_totals = dict.fromkeys(SKIP_KINDS, 0)
+
+    def _workers_for(self, urls: list[str], key: str, world_size: int, resampled: bool) -> int:
+        """Loader workers for a stream: one pass reads with at most one worker per shard."""
+        if resampled or self.num_workers <= 1:
+            return self.num_workers
+        workers = min(self.num_workers, max(1, len(urls) // world_size))
+        if workers < self.num_workers:
+            log.info(
+                "%s: %d shard(s) over %d rank(s): %d loader worker(s) per rank instead of "
+                "data.num_workers=%d (a worker per shard at most)",
+                key,
+                len(urls),
+                world_size,
+                workers,
+                self.num_workers,
+            )
+        return workers
+
+    def _loader_options(self, workers: int) -> dict:
+        return {
+            "num_workers": workers,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": self.persistent_workers and workers > 0,
+            "prefetch_factor": self.prefetch_factor if workers > 0 else None,
+        }
 
     def setup(self, stage: str | None = None) -> None:
         """Expand the shard lists and build this rank's streams (after the process group exists)."""
@@ -487,75 +319,146 @@ class WebDataModule(L.LightningDataModule):
             "seed": self.seed,
             "rank": rank,
             "world_size": world_size,
-            "num_workers": self.num_workers,
         }
         if stage in (None, "fit") and self.train_stream is None:
-            if self.train_patterns is None:
-                raise ValueError(
-                    "data.train_shards is not set: give shards, e.g. "
-                    "data.train_shards='/data/laion/{00000..01023}.tar'"
-                )
-            sources = [expand_shards(p, "data.train_shards") for p in self.train_patterns]
-            urls = [url for source in sources for url in source]
-            weights = None
-            if self.train_weights is not None:
-                # Each shard of source i gets w_i / n_i, so source i supplies a w_i share of shards.
-                weights = [
-                    w / len(s) for w, s in zip(self.train_weights, sources, strict=True) for _ in s
-                ]
-            samples = self.samples_per_epoch or read_sizes(urls, "data.train_shards")
-            self.train_stream = ShardStream(
-                urls,
-                transform=build_transforms(
-                    self.model_name, is_train=True, as_uint8=self.uint8_images
-                ),
-                training=True,
-                resampled=self.resampled,
-                shard_weights=weights,
-                samples_per_epoch=samples,
-                shuffle_buffer=self.shuffle_buffer,
-                **common,
-            )
-            log.info(
-                "train: %d shards, %d samples per epoch, rank %d of %d",
-                len(urls),
-                samples,
-                rank,
-                world_size,
-            )
-        if stage in (None, "fit", "validate") and self.val_patterns and self.val_stream is None:
-            urls = [url for p in self.val_patterns for url in expand_shards(p, "data.val_shards")]
+            self._setup_train(common, rank, world_size)
+        if stage in (None, "fit", "validate") and self.val_shards and self.val_stream is None:
+            urls = shard_urls(self.val_shards, "data.val_shards")
             self.val_stream = ShardStream(
                 urls,
                 transform=build_transforms(self.model_name, is_train=False),
                 training=False,
+                num_workers=self._workers_for(urls, "data.val_shards", world_size, False),
                 **common,
             )
 
+    def _setup_train(self, common: dict, rank: int, world_size: int) -> None:
+        if self.train_patterns is None:
+            raise ValueError(
+                "data.train_shards is not set: give shards, e.g. "
+                "data.train_shards='/data/laion/{00000..01023}.tar'"
+            )
+        sources = [expand_shards(p, "data.train_shards") for p in self.train_patterns]
+        urls = [url for source in sources for url in source]
+        weights = None
+        if self.train_weights is not None:
+            # Each shard of source i gets w_i / n_i, so source i supplies a w_i share of shards.
+            weights = [
+                w / len(s) for w, s in zip(self.train_weights, sources, strict=True) for _ in s
+            ]
+        workers = self._workers_for(urls, "data.train_shards", world_size, self.resampled)
+        samples = self.samples_per_epoch
+        if samples is None or not self.resampled:
+            sizes = read_shard_sizes(urls)
+            samples = sum(sizes) if sizes else read_sizes(urls, "data.train_shards")
+        self.train_stream = ShardStream(
+            urls,
+            transform=build_transforms(self.model_name, is_train=True, as_uint8=self.uint8_images),
+            training=True,
+            resampled=self.resampled,
+            shard_weights=weights,
+            samples_per_epoch=samples,
+            shuffle_buffer=self.shuffle_buffer,
+            num_workers=workers,
+            **common,
+        )
+        batches = self.train_stream.batches_per_epoch()
+        layout = {
+            "world_size": world_size,
+            "workers": max(1, workers),
+            "batch_size": self.batch_size,
+            "resampled": self.resampled,
+            "shards": len(urls),
+            "shuffle_buffer": self.shuffle_buffer,
+        }
+        self.position = StreamPosition(rank, max(1, workers), layout, self.resume)
+        if self.loaded_state is not None:
+            self.position.load_state_dict(self.loaded_state)
+        self.trim_ranks = not self.resampled and world_size > 1
+        left_out = samples - batches * self.batch_size * world_size
+        log.info(
+            "train: %d shards, %d samples per epoch, rank %d of %d: %d batches of %d per epoch%s",
+            len(urls),
+            samples,
+            rank,
+            world_size,
+            batches,
+            self.batch_size,
+            f"; {left_out} samples per epoch left out (drop_last: the remainder below a full "
+            "batch on every rank)"
+            if not self.resampled and left_out
+            else "",
+        )
+
     def train_dataloader(self) -> EpochLoader:
-        """Resampled (or shuffled-shard) training batches for this rank."""
+        """Resampled (or one-pass) training batches for this rank, starting at its position."""
         current_epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
-        return EpochLoader(self.train_stream, current_epoch, **self.loader_options)
+        options = self._loader_options(self.train_stream.workers if self.num_workers else 0)
+        return EpochLoader(self.train_stream, current_epoch, self.position, **options)
 
     def val_dataloader(self) -> EpochLoader | list:
         """Each validation sample exactly once across ranks and workers; [] without val_shards."""
         if self.val_stream is None:
             return []
-        return EpochLoader(self.val_stream, None, **self.loader_options)
+        options = self._loader_options(self.val_stream.workers if self.num_workers else 0)
+        return EpochLoader(self.val_stream, None, **options)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Add the batch's skip counts to this rank's totals (still on the CPU: no device sync)."""
+        """Count the batch's skips and note the stream position (on the CPU: no device sync)."""
         for kind, count in batch.get("skipped", {}).items():
             self.skipped_totals[kind] += int(count)
+        position = batch.pop("position", None)
+        if position is not None and self.position is not None:
+            self.position.record(position)
         return batch
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """One-pass training on several ranks: trim every rank to the shortest batch."""
+        training = self.trainer is None or self.trainer.training
+        if self.position is None or "keys" not in batch or not training:
+            return batch
+        if self.trim_ranks:
+            batch = trim_to_shortest(batch)
+        self.position.count_samples(len(batch["keys"]))
+        return batch
+
+    def state_dict(self) -> dict:
+        """Every rank's training stream position (gathered: rank 0 writes the checkpoint)."""
+        if self.position is None:
+            return {}
+        return {"ranks": gather_rank_states(self.position.state_dict())}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Continue the training stream from a checkpoint's position for this rank."""
+        ranks = state_dict.get("ranks")
+        if not ranks:
+            return
+        rank, _ = _rank_and_world_size(self.trainer)
+        self.loaded_state = ranks[rank] if rank < len(ranks) else {**ranks[0], "layout": {}}
+        if self.position is not None:
+            self.position.load_state_dict(self.loaded_state)
 
     def skipped_summary(self) -> dict[str, int]:
         """Samples skipped by kind in all batches this rank has received (every worker's)."""
         return dict(self.skipped_totals)
 
     def teardown(self, stage: str) -> None:
-        """Log the samples skipped on this rank, by kind (the run's end-of-data summary)."""
+        """Log the samples each epoch used and those skipped on this rank, by kind."""
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        if self.position is not None and self.position.epoch_samples:
+            used = ", ".join(f"{e}: {n}" for e, n in self.position.epoch_samples.items())
+            log.info("data: samples used per epoch on rank %d: %s", rank, used)
         if any(self.skipped_totals.values()):
-            rank = self.trainer.global_rank if self.trainer is not None else 0
             kinds = ", ".join(f"{k}={n}" for k, n in self.skipped_totals.items() if n)
             log.warning("data: samples skipped on rank %d: %s", rank, kinds)
+
+
+def trim_to_shortest(batch: dict) -> dict:
+    """Cut this rank's batch to the smallest batch over ranks (one all-reduce of a count)."""
+    size = torch.tensor(len(batch["keys"]), device=batch["images"].device)
+    torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MIN)
+    keep = int(size)
+    if keep == len(batch["keys"]):
+        return batch
+    trimmed = {k: v[:keep] for k, v in batch.items() if k in ("images", "texts", "keys")}
+    return {**batch, **trimmed}

@@ -1,0 +1,126 @@
+"""The training stream's position (for exact resume) and the DataLoader that starts each pass.
+
+The position of a rank's stream is (epoch, batches received in it, each worker's raw cursor):
+the number of raw samples that worker had pulled from its (shuffled) stream through the last
+batch received. Batches are counted when the trainer takes them (`on_before_batch_transfer`),
+not when the loader prefetches them, so a checkpoint taken after step s resumes at batch s+1.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from clipscale import distributed
+
+log = logging.getLogger(__name__)
+
+RESUME_MODES = ("exact", "approximate")
+
+
+class StreamPosition:
+    """Where this rank's training stream is, and the position a resume should start from."""
+
+    def __init__(self, rank: int, workers: int, layout: dict, mode: str = "exact") -> None:
+        if mode not in RESUME_MODES:
+            raise ValueError(f"data.resume={mode!r}: expected one of {', '.join(RESUME_MODES)}")
+        self.rank, self.workers, self.layout, self.mode = rank, workers, layout, mode
+        self.epoch, self.batches, self.salt = 0, 0, 0
+        self.cursors = [0] * workers
+        self.samples = 0  # samples this rank trained on in the current epoch
+        self.epoch_samples: dict[int, int] = {}  # finished and current epochs -> samples used
+        self.pending: dict | None = None  # a loaded position, applied when its epoch begins
+
+    def record(self, position: torch.Tensor) -> None:
+        """Note one batch taken by the trainer: `position` = [epoch, worker, cursor]."""
+        epoch, worker, cursor = (int(v) for v in position.tolist())
+        if epoch != self.epoch:
+            log.info(
+                "data: epoch %d used %d samples on rank %d", self.epoch, self.samples, self.rank
+            )
+            self.epoch, self.batches, self.salt = epoch, 0, 0
+            self.cursors, self.samples = [0] * self.workers, 0
+        self.batches += 1
+        self.cursors[worker] = cursor
+
+    def count_samples(self, samples: int) -> None:
+        """Add the samples of a batch the step really used (after any trimming)."""
+        self.samples += samples
+        self.epoch_samples[self.epoch] = self.samples
+
+    def start(self, epoch: int) -> tuple[int, list[int], int]:
+        """(batches already taken, worker cursors, salt) for a pass over `epoch` that begins now."""
+        pending, self.pending = self.pending, None
+        if pending is None or pending["epoch"] != epoch or not pending["batches"]:
+            return 0, [0] * self.workers, 0
+        if self.mode == "exact":
+            return pending["batches"], list(pending["cursors"]), pending["salt"]
+        # approximate: the rest of the epoch from a fresh draw (new salt), without re-reading
+        self.salt = pending["salt"] + 1
+        return pending["batches"], [0] * self.workers, self.salt
+
+    def state_dict(self) -> dict:
+        """This rank's position plus the layout it is valid for (ranks, workers, batch...)."""
+        return {
+            "epoch": self.epoch,
+            "batches": self.batches,
+            "cursors": list(self.cursors),
+            "salt": self.salt,
+            "samples": self.samples,
+            "layout": dict(self.layout),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from `state`; a different layout cannot be exact, so it falls back to approximate."""
+        if state["layout"] != self.layout and self.mode == "exact":
+            log.warning(
+                "data: the checkpoint's loader layout %s differs from this run's %s; the stream "
+                "cannot resume exactly and restarts the rest of epoch %d with a new draw",
+                state["layout"],
+                self.layout,
+                state["epoch"],
+            )
+            self.mode = "approximate"
+        self.pending = dict(state)
+        self.epoch, self.batches, self.salt = state["epoch"], state["batches"], state["salt"]
+        self.samples = state["samples"]
+        self.cursors = list(state["cursors"]) if len(state["cursors"]) == self.workers else []
+        self.cursors = self.cursors or [0] * self.workers
+
+
+def gather_rank_states(state: dict) -> list[dict]:
+    """Every rank's position (a checkpoint is written by rank 0 alone), in rank order."""
+    if not distributed.is_distributed():
+        return [state]
+    states: list = [None] * distributed.world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that tells its ShardStream the epoch and start position of each pass."""
+
+    def __init__(
+        self,
+        dataset,
+        current_epoch: Callable[[], int] | None,
+        position: StreamPosition | None = None,
+        **kwargs,
+    ):
+        # Batches are made in the workers, so the loader itself must not batch again.
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self.current_epoch = current_epoch
+        self.position = position
+        self.passes = 0
+
+    def __iter__(self):
+        # The trainer's epoch keeps the order right after a resume; alone, count the passes.
+        epoch = self.current_epoch() if self.current_epoch is not None else self.passes
+        self.passes += 1
+        workers = max(1, self.num_workers)
+        done, cursors, salt = self.position.start(epoch) if self.position else (0, [0] * workers, 0)
+        self.dataset.start(epoch, done, cursors, salt)
+        return super().__iter__()

@@ -1,0 +1,156 @@
+"""Raw samples -> batches: caption checks, image decode and augmentation, batching, tokenising.
+
+Randomness in a worker never comes from a process-wide RNG: the augmentation of a sample is
+drawn from an RNG seeded by (seed, epoch, rank, worker, the sample's position in the worker's
+raw stream). Re-reading a worker's stream to the same position therefore gives the same
+batches, which is what an exact resume does.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import random
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import get_worker_info
+
+from clipscale.data.reading import SkipCounter
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXT = "txt"
+
+
+def sample_rng(tag: str, index: int) -> random.Random:
+    """The RNG of sample `index` of the worker stream named by `tag` (seed:epoch:rank:worker)."""
+    return random.Random(f"sample:{tag}:{index}")
+
+
+def seeded_call(transform: Callable, image, seed: int):
+    """`transform(image)` with torch's CPU RNG seeded by `seed`, then restored.
+
+    torchvision's v1 random transforms draw from the global generator; seeding it per sample
+    makes the crop a function of the sample's position, whatever ran before in the process.
+    """
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)  # CPU only: CUDA generators are left alone
+    try:
+        return transform(image)
+    finally:
+        torch.set_rng_state(state)
+
+
+def caption_of(sample: dict, counter: SkipCounter, where: str) -> str | None:
+    """The sample's stripped UTF-8 caption, or None after counting why there is none."""
+    if CAPTION_EXT not in sample:
+        counter.add("missing_caption", where)
+        return None
+    try:
+        caption = sample[CAPTION_EXT].decode("utf-8").strip()
+    except UnicodeDecodeError as error:
+        counter.add("corrupt_caption", where, error)
+        return None
+    if not caption:
+        counter.add("missing_caption", where, "empty caption")
+        return None
+    return caption
+
+
+def image_ext_of(sample: dict, counter: SkipCounter, where: str) -> str | None:
+    """The extension of the sample's image member, or None after counting `missing_image`."""
+    ext = next((ext for ext in IMAGE_EXTS if ext in sample), None)
+    if ext is None:
+        counter.add("missing_image", where)
+    return ext
+
+
+def decoded(
+    samples: Iterable[tuple[int, dict]], counter: SkipCounter, transform: Callable, tag: str
+) -> Iterator[tuple[int, str, torch.Tensor, str]]:
+    """(raw index, key, image tensor [3,H,W], caption) per usable sample; the rest are counted."""
+    for index, sample in samples:
+        where = f"{sample['__url__']}:{sample['__key__']}"
+        image_ext = image_ext_of(sample, counter, where)
+        caption = None if image_ext is None else caption_of(sample, counter, where)
+        if caption is None:
+            continue
+        try:
+            with Image.open(io.BytesIO(sample[image_ext])) as image:
+                rgb = image.convert("RGB")  # forces the full decode, so truncation shows here
+        except UnidentifiedImageError:
+            counter.add("corrupt_image", where, f"{image_ext} member is no image PIL can read")
+            continue
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+            counter.add("corrupt_image", where, error)
+            continue
+        seed = sample_rng(tag, index).getrandbits(63)
+        yield index, sample["__key__"], seeded_call(transform, rgb, seed), caption
+
+
+def _batch_buffer(batch_size: int, image: torch.Tensor) -> torch.Tensor:
+    """An empty [batch_size, *image.shape] tensor, in shared memory inside a loader worker."""
+    buffer = torch.empty((batch_size, *image.shape), dtype=image.dtype)
+    # Allocated shared from the start, it crosses to the main process without another copy.
+    return buffer.share_memory_() if get_worker_info() is not None else buffer
+
+
+def batched(
+    items: Iterable[tuple[int, str, torch.Tensor, str]],
+    counter: SkipCounter,
+    *,
+    batch_size: int,
+    tokenizer: Callable,
+    batches: int | None,
+    drop_last: bool,
+    position: tuple[int, int, int] | None,
+) -> Iterator[dict]:
+    """Collate items into `batches` batch dicts (None: until the items end).
+
+    A batch carries the skip counts since the previous one and, for training, `position` =
+    [epoch, worker, cursor]: the worker's raw samples consumed through this batch, from which a
+    resume fast-forwards. With a fixed count and too few items (samples skipped as corrupt), the last
+    batches come short, even empty, so that every rank still makes the same number of steps.
+    """
+    epoch, worker, cursor = position or (0, 0, 0)
+    iterator = iter(items)
+    blank = None  # an empty image batch of the right shape, once one image has been seen
+    for _ in range(batches) if batches is not None else itertools.count():
+        images, keys, captions = None, [], []
+        for index, key, image, caption in itertools.islice(iterator, batch_size):
+            # Copying each image in as it comes lets the allocator reuse one image's memory for
+            # the next; holding a list of them and stacking costs fresh pages every batch.
+            images = _batch_buffer(batch_size, image) if images is None else images
+            blank = images[:0] if blank is None else blank
+            images[len(keys)] = image
+            keys.append(key)
+            captions.append(caption)
+            cursor = index + 1
+        short = len(keys) < batch_size
+        if batches is None and (not keys or (drop_last and short)):
+            return
+        if images is None:
+            images = blank if blank is not None else torch.empty(0, dtype=torch.uint8)
+        batch = {
+            "images": images[: len(keys)],  # [B, 3, H, W]
+            "texts": tokenizer(captions),  # [B, context_length]
+            "keys": keys,
+            "skipped": counter.take(),
+        }
+        if position is not None:
+            batch["position"] = torch.tensor([epoch, worker, cursor])
+        yield batch
+
+
+def with_trailing_skips(batches: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
+    """Hold one batch back so skips met after the last batch are added to it, not lost."""
+    held = None
+    for batch in batches:
+        if held is not None:
+            yield held
+        held = batch
+    if held is not None:
+        for kind, count in counter.take().items():
+            held["skipped"][kind] += count
+        yield held

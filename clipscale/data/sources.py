@@ -1,0 +1,153 @@
+"""Which shards, and which samples of them, each rank and loader worker reads in an epoch.
+
+Two ways to read a shard set:
+- resampled: each worker draws shards with replacement from an RNG seeded by
+  (seed, epoch, rank, worker), forever; the epoch ends after a fixed number of batches.
+- one pass: the epoch's shards (shuffled for training) are laid end to end as one sequence of
+  N samples (counts from sizes.json). Rank r reads samples [r·N/P, (r+1)·N/P); inside it, each
+  worker reads one contiguous block. A block may begin or end inside a shard: the reader skips
+  the shard's first samples without decoding them. Every sample has exactly one reader.
+
+The loader takes batch k of a rank from worker k mod W (DataLoader's round robin), so the batch
+count of worker w is the number of k < batches with k mod W = w, and the order of batches a rank
+receives is fixed by the plan alone; this is what makes the position resumable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from clipscale.data.shards import SIZES_FILE, _local_path
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples [start, stop) of one shard, in the shard's own order."""
+
+    url: str
+    start: int
+    stop: int | None  # None: to the end of the shard
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One rank's epoch: batches on the rank, and per worker its segments and batch sizes."""
+
+    batches: int  # batches this rank receives in the epoch (= len of its loader)
+    segments: list[list[Segment]]  # [worker] -> segments read in order
+    batch_sizes: list[int]  # [batch k] -> samples planned for batch k of this rank
+    samples: int  # samples planned for this rank (before skips)
+    dropped: int  # samples of this rank's share left out (training: the last partial batch)
+
+
+def shard_sizes(urls: list[str]) -> list[int] | None:
+    """Per-shard sample counts from the sizes.json files beside `urls`; None if any is unknown."""
+    tables: dict[str, dict] = {}
+    sizes = []
+    for url in urls:
+        path = _local_path(url)
+        if path is None:
+            return None
+        folder, name = os.path.split(path)
+        if folder not in tables:
+            table_path = os.path.join(folder, SIZES_FILE)
+            if not os.path.isfile(table_path):
+                return None
+            with open(table_path) as file:
+                tables[folder] = json.load(file)
+        if name not in tables[folder]:
+            return None
+        sizes.append(int(tables[folder][name]))
+    return sizes
+
+
+def worker_batch_ids(batches: int, workers: int, worker: int) -> range:
+    """The batch numbers of a rank's epoch that worker `worker` makes (round robin)."""
+    return range(worker, batches, workers)
+
+
+def epoch_order(count: int, seed: int | str, epoch: int, shuffle: bool) -> list[int]:
+    """The shard order of an epoch: one permutation for all ranks and workers, or list order."""
+    order = list(range(count))
+    if shuffle:
+        random.Random(f"order:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def _segments(
+    urls: list[str], sizes: list[int], order: list[int], start: int, stop: int
+) -> list[Segment]:
+    """Samples [start, stop) of the shards laid end to end in `order`, as per-shard segments."""
+    segments, offset = [], 0
+    for index in order:
+        begin, end = offset, offset + sizes[index]
+        offset = end
+        if end <= start or sizes[index] == 0:
+            continue
+        if begin >= stop:
+            break
+        segments.append(Segment(urls[index], max(start, begin) - begin, min(stop, end) - begin))
+    return segments
+
+
+def one_pass_plan(
+    urls: list[str],
+    sizes: list[int],
+    order: list[int],
+    *,
+    rank: int,
+    world_size: int,
+    workers: int,
+    batch_size: int,
+    drop_last: bool,
+) -> EpochPlan:
+    """Split the epoch's samples over ranks, then workers, so each sample is read exactly once.
+
+    Every rank gets the same number of batches: floor(N/P) samples per rank (one more on the
+    first N mod P ranks); with `drop_last` each rank makes floor(floor(N/P) / B) full batches and
+    leaves the rest of its share out; otherwise it makes ceil(share / B) batches, the last partial.
+    """
+    total = sum(sizes)
+    first, last = rank * total // world_size, (rank + 1) * total // world_size
+    share = last - first
+    if drop_last:
+        batches = (total // world_size) // batch_size  # the smallest share sets every rank's count
+        batch_sizes = [batch_size] * batches
+    else:
+        batches = math.ceil(share / batch_size)
+        batch_sizes = [min(batch_size, share - k * batch_size) for k in range(batches)]
+    segments, begin = [], first
+    for worker in range(workers):
+        count = sum(batch_sizes[k] for k in worker_batch_ids(batches, workers, worker))
+        segments.append(_segments(urls, sizes, order, begin, begin + count))
+        begin += count
+    used = sum(batch_sizes)
+    return EpochPlan(batches, segments, batch_sizes, used, share - used)
+
+
+def strided_plan(urls: list[str], order: list[int], rank: int, world_size: int, workers: int):
+    """Without per-shard sizes (evaluation only): whole shards dealt to the rank × worker readers."""
+    readers = world_size * workers
+    segments = [
+        [Segment(urls[i], 0, None) for i in order[rank * workers + w :: readers]]
+        for w in range(workers)
+    ]
+    return EpochPlan(0, segments, [], 0, 0)
+
+
+def resampled_urls(urls: list[str], cum_weights: list[float] | None, tag: str) -> Iterator[Segment]:
+    """An endless stream of whole shards drawn with replacement, seeded by `tag`."""
+    rng = random.Random(f"shards:{tag}")
+    while True:
+        yield Segment(rng.choices(urls, cum_weights=cum_weights)[0], 0, None)
+
+
+def cumulative(weights: list[float] | None) -> list[float] | None:
+    """Cumulative weights make each draw a bisection, not a pass over millions of shards."""
+    return list(itertools.accumulate(weights)) if weights else None
