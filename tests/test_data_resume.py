@@ -3,8 +3,10 @@ with the very batches (bitwise) an uninterrupted stream gives after k, for any w
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from clipscale.data.webdataset import WebDataModule
 from tests.test_data_webdataset import TINY, good_members, jpeg_bytes, write_clean_shards, write_tar
@@ -109,3 +111,44 @@ def test_a_different_loader_layout_falls_back_to_approximate(tmp_path, caplog):
     after = epochs(resumed)
     assert "cannot resume exactly" in caplog.text
     assert len(after[0]) == len(resumed.train_dataloader()) - 4
+
+
+class KeyRecorder(L.LightningModule):
+    """Records the keys and pixel sums of the batches its steps receive; trains nothing useful."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple[list[str], float]] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.seen.append((batch["keys"], float(batch["images"].double().sum())))
+        return self.weight.sum() * 0
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(pattern: str, folder, ckpt_path=None) -> list:
+    """18 steps (past the 12-batch epoch) with a checkpoint every 7 steps; the batches seen."""
+    module = KeyRecorder()
+    trainer = L.Trainer(
+        max_steps=18,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(folder),
+        callbacks=[ModelCheckpoint(dirpath=str(folder), every_n_train_steps=7, save_top_k=-1)],
+    )
+    trainer.fit(
+        module, datamodule=WebDataModule(**settings(pattern, False, 2)), ckpt_path=ckpt_path
+    )
+    return module.seen
+
+
+def test_lightning_checkpoint_at_step_s_resumes_at_batch_s_plus_1(tmp_path):
+    pattern = shard_folder(tmp_path / "shards")
+    full = fit(pattern, tmp_path / "full")
+    resumed = fit(pattern, tmp_path / "resumed", str(tmp_path / "full" / "epoch=0-step=7.ckpt"))
+    assert resumed == full[7:]  # the trainer prefetches ahead; the checkpoint does not count that
