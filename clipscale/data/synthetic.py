@@ -4,6 +4,13 @@ Each sample is a shape (circle, square, triangle, cross) of a named colour, draw
 position and size on a plain background, with a caption that names colour and shape among other
 details. A sample is a pure function of (seed, split, index), so every run, rank and worker sees
 the same data. The class of a sample is "<colour> <shape>" (24 classes) for the zero-shot check.
+
+With `objects=2` the training split holds two-object scenes instead (clipscale.data.probe: two
+shapes side by side, captions such as "a red circle left of a blue square" or "a red circle and
+no green triangle"; label -1); the held-out split stays one-object, so the zero-shot check is
+unchanged. With `hard_negatives` (two-object data only) each training sample also carries up to
+`max_hard_negatives` false captions made from its true one ("foil_texts" [F, L] tokens and
+"foil_mask" [F] bool, F = max_hard_negatives padded with empty captions marked False).
 """
 
 from __future__ import annotations
@@ -88,29 +95,96 @@ def draw_sample(seed: int, split: str, index: int) -> tuple[Image.Image, str, in
     return image, caption, CLASSNAMES.index(f"{colour} {shape}")
 
 
-class SyntheticCaptions(Dataset):
-    """`length` samples of one split as dicts {"images", "texts", "labels"}."""
+def draw_two_object_sample(
+    seed: int, split: str, index: int, foil_types=(), max_foils: int = 0
+) -> tuple[Image.Image, str, list[str]]:
+    """(image, caption, foil captions) of a two-object scene, deterministic in its arguments."""
+    from clipscale.data import probe  # probe draws with this module's colours and shapes
 
-    def __init__(self, length: int, split: str, seed: int, transform, tokenizer):
+    rng = random.Random(f"{seed}/{split}/{index}/two")
+    scene = probe.draw_scene(rng)
+    image = probe.render_scene(scene, rng)
+    caption = probe.true_caption(scene, rng)
+    foils = [probe.make_foil(kind, scene, caption, rng) for kind in foil_types]
+    texts = [foil.text() for foil in foils if foil is not None]
+    return image, caption.text(), texts[:max_foils]
+
+
+def check_hard_negatives(hard_negatives, max_hard_negatives: int, objects: int) -> tuple:
+    """The validated `data.hard_negatives` as a tuple of foil types (empty for null)."""
+    from clipscale.data.probe import FOIL_TYPES
+
+    if hard_negatives is None:
+        return ()
+    if isinstance(hard_negatives, str) or not all(isinstance(k, str) for k in hard_negatives):
+        raise ValueError(
+            f"data.hard_negatives={hard_negatives!r}: expected null or a list drawn from "
+            f"{list(FOIL_TYPES)}"
+        )
+    unknown = [k for k in hard_negatives if k not in FOIL_TYPES]
+    if unknown:
+        raise ValueError(
+            f"data.hard_negatives: unknown foil type {unknown[0]!r}; expected some of "
+            f"{list(FOIL_TYPES)}"
+        )
+    if not isinstance(max_hard_negatives, int) or max_hard_negatives < 1:
+        raise ValueError(
+            f"data.max_hard_negatives must be a positive integer, got {max_hard_negatives!r}"
+        )
+    if objects != 2 and hard_negatives:
+        raise ValueError(
+            "data.hard_negatives needs two-object captions: set data.objects=2 (one-object "
+            "captions have no colour to swap or relation to reverse)"
+        )
+    return tuple(hard_negatives)
+
+
+class SyntheticCaptions(Dataset):
+    """`length` samples of one split as dicts {"images", "texts", "labels"} (+ foils)."""
+
+    def __init__(
+        self,
+        length: int,
+        split: str,
+        seed: int,
+        transform,
+        tokenizer,
+        objects: int = 1,
+        foil_types: tuple = (),
+        max_foils: int = 0,
+    ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         self.length, self.split, self.seed = length, split, seed
         self.transform, self.tokenizer = transform, tokenizer
+        self.objects, self.foil_types, self.max_foils = objects, foil_types, max_foils
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        image, caption, label = draw_sample(self.seed, self.split, index)
+        foils = None
+        if self.objects == 2:
+            image, caption, foils = draw_two_object_sample(
+                self.seed, self.split, index, self.foil_types, self.max_foils
+            )
+            label = -1  # two objects: no single class
+        else:
+            image, caption, label = draw_sample(self.seed, self.split, index)
         # The random crop is part of the sample too: the same in every run, rank, worker and resume.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(zlib.crc32(f"{self.seed}/{self.split}/{index}".encode()))
             pixels = self.transform(image)
-        return {
+        sample = {
             "images": pixels,  # [3, H, W]
             "texts": self.tokenizer([caption])[0],  # [context_length]
             "labels": torch.tensor(label),
         }
+        if self.foil_types:
+            padding = [""] * (self.max_foils - len(foils))
+            sample["foil_texts"] = self.tokenizer(foils + padding)  # [F, context_length]
+            sample["foil_mask"] = torch.arange(self.max_foils) < len(foils)  # [F]
+        return sample
 
 
 class SyntheticDataModule(L.LightningDataModule):
@@ -127,6 +201,9 @@ class SyntheticDataModule(L.LightningDataModule):
         train_samples: int = 100_000,
         val_samples: int = 1_024,
         seed: int = 0,
+        objects: int = 1,
+        hard_negatives: list[str] | None = None,
+        max_hard_negatives: int = 3,
     ):
         super().__init__()
         for key, value in (
@@ -140,14 +217,24 @@ class SyntheticDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
         self.model_name, self.batch_size, self.num_workers = model_name, batch_size, num_workers
         self.train_samples, self.val_samples, self.seed = train_samples, val_samples, seed
+        if objects not in (1, 2):
+            raise ValueError(f"data.objects must be 1 or 2, got {objects!r}")
+        self.objects = objects
+        self.foil_types = check_hard_negatives(hard_negatives, max_hard_negatives, objects)
+        self.max_hard_negatives = max_hard_negatives
 
     def dataset(self, split: str) -> SyntheticCaptions:
-        """The train (augmenting transform) or val (deterministic transform) split."""
-        length = self.train_samples if split == "train" else self.val_samples
-        transform = build_transforms(self.model_name, is_train=split == "train")
+        """The train (augmenting transform) or val (deterministic transform, one object) split."""
+        train = split == "train"
+        length = self.train_samples if train else self.val_samples
+        transform = build_transforms(self.model_name, is_train=train)
+        tokenizer = build_tokenizer(self.model_name)
+        if not train:
+            return SyntheticCaptions(length, split, self.seed, transform, tokenizer)
         return SyntheticCaptions(
-            length, split, self.seed, transform, build_tokenizer(self.model_name)
-        )
+            length, split, self.seed, transform, tokenizer,
+            self.objects, self.foil_types, self.max_hard_negatives,
+        )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         """Seeded shuffle split across ranks, drop_last; a resumed run continues at its batch."""
