@@ -3,9 +3,18 @@
 Writes `<paths.output_dir>/metrics.json` = {dataset name: {metric: value}} and prints a table.
 Zero-shot datasets report `top1`, `top5` (fractions), `mean_per_class_recall`, `per_class_top1`
 (and `coder_*` with coder.k); retrieval datasets report `image_to_text_R@1/5/10`,
-`text_to_image_R@1/5/10`, mean/median ranks and the modality-gap metrics (clipscale.eval.geometry).
+`text_to_image_R@1/5/10`, mean/median ranks and the modality-gap metrics (clipscale.eval.geometry);
+both count `nonfinite_features` (NaN/inf rows, scored as misses). Compositional probes
+(clipscale.eval.compositional) report the accuracy of each foil type, `overall` and their chance.
+
+A zero-shot folder is clip_benchmark's webdataset layout (python -m clipscale.data.shards
+--layout zeroshot writes one) or an ImageFolder-style folder (one sub-folder of images per class,
+class names from the folder names, default templates).
+    python -m clipscale.data.shards --layout zeroshot --images data/shapes_images \
+        --output data/eval/shapes
+    python -m clipscale.data.probe --output data/eval/probe
     python -m clipscale.evaluate checkpoint=runs/demo/checkpoints/last.ckpt \
-        zeroshot=[eval/shapes] retrieval=[eval/captions] paths.output_dir=runs/demo/eval
+        zeroshot=[data/eval/shapes] compositional=[data/eval/probe] paths.output_dir=runs/demo/eval
     python -m clipscale.evaluate checkpoint=ViT-B-32.pt model_name=ViT-B-32 zeroshot=[eval/cifar10]
 """
 
@@ -19,6 +28,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from clipscale.eval.compositional import evaluate_compositional, read_probe
 from clipscale.eval.datasets import read_dataset_info
 from clipscale.eval.retrieval import evaluate_retrieval
 from clipscale.eval.zeroshot import evaluate_zeroshot
@@ -35,6 +45,8 @@ TABLE_KEYS = (
     "text_to_image_R@1",
     "text_to_image_R@5",
     "modality_gap",
+    "overall",
+    "overall_chance",
 )
 
 
@@ -49,8 +61,14 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     """Metrics of every configured dataset, keyed by dataset folder name."""
     folders = [(root, "classification") for root in cfg.zeroshot]
     folders += [(root, "retrieval") for root in cfg.retrieval]
-    if not folders:
-        raise ValueError("nothing to evaluate: give zeroshot=[DIR,...] and/or retrieval=[DIR,...]")
+    probes = [Path(root) for root in cfg.get("compositional") or ()]
+    if not folders and not probes:
+        raise ValueError(
+            "nothing to evaluate: give zeroshot=[DIR,...], retrieval=[DIR,...] and/or "
+            "compositional=[DIR,...]"
+        )
+    for root in probes:
+        read_probe(root)  # refuse a bad probe.jsonl before loading the model
     infos = []
     for root, expected in folders:
         info = read_dataset_info(root)
@@ -60,7 +78,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
                 f"{root!r} is a {info.dataset_type} dataset but is listed in {listed}="
             )
         infos.append(info)
-    names = [info.name for info in infos]
+    names = [info.name for info in infos] + [root.name for root in probes]
     if len(set(names)) != len(names):
         raise ValueError(f"dataset folder names must be distinct (they key metrics.json): {names}")
 
@@ -80,6 +98,10 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
             results[info.name] = evaluate_retrieval(
                 model, tokenizer, transform, info.shards, cfg.batch_size, device, **loader_kw
             )
+    for root in probes:
+        results[root.name] = evaluate_compositional(
+            model, tokenizer, transform, root, cfg.batch_size, device, cfg.max_samples
+        )
     return results
 
 

@@ -8,6 +8,8 @@ image-caption set is `val_shards` (training-format shards) or, without them, the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
@@ -15,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from clipscale.distributed import all_gather_rows, rank, world_size
+from clipscale.eval.compositional import evaluate_compositional, read_probe
 from clipscale.eval.datasets import expand_shard_pattern, read_dataset_info
 from clipscale.eval.retrieval import (
     encode_image_caption_set,
@@ -73,6 +76,8 @@ class ValidationCallback(Callback):
         every_n_steps: steps between evaluations; None or 0 turns the callback off.
         zeroshot: clip_benchmark-layout classification folders, logged `val/zeroshot/NAME/...`.
         retrieval: clip_benchmark-layout retrieval folders, logged `val/retrieval/NAME/...`.
+        compositional: probe folders (probe.jsonl + images), logged
+            `val/compositional/NAME/<type>` (and `overall`, chance levels, sample counts).
         val_shards: held-out training-format shards (jpg/png/webp + txt): a brace pattern,
             `a::b`, or a list of those, as `data.val_shards` takes them; None uses the data
             module's val_dataloader() when it has one.
@@ -88,6 +93,7 @@ class ValidationCallback(Callback):
         every_n_steps: int | None,
         zeroshot: list[str] | tuple = (),
         retrieval: list[str] | tuple = (),
+        compositional: list[str] | tuple = (),
         val_shards: str | list[str] | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
@@ -108,6 +114,9 @@ class ValidationCallback(Callback):
                 raise ValueError(
                     f"{str(info.root)!r} is a {info.dataset_type} dataset, listed as {expected}"
                 )
+        self.compositional = [Path(root) for root in compositional or ()]
+        for root in self.compositional:
+            read_probe(root)  # a bad line fails at start-up
         self.val_shards = (
             expand_shard_pattern(val_shards, "data.val_shards") if val_shards else None
         )
@@ -168,6 +177,11 @@ class ValidationCallback(Callback):
                 model, tokenizer, transform, info.shards, self.batch_size, device, **loader_kw
             )
             metrics.update(_scalars(f"val/retrieval/{info.name}/", result))
+        for root in self.compositional:
+            result = evaluate_compositional(
+                model, tokenizer, transform, root, self.batch_size, device, self.max_samples
+            )
+            metrics.update(_scalars(f"val/compositional/{root.name}/", result))
         if self.val_shards:
             encoded = encode_image_caption_set(
                 model, tokenizer, transform, self.val_shards, self.batch_size, device, **loader_kw
