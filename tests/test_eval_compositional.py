@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from clipscale.data.probe import write_probe
+from clipscale.data.synthetic import CLASSNAMES, draw_sample
 from clipscale.eval.callback import ValidationCallback
 from clipscale.eval.compositional import caption_beats_foils, evaluate_compositional, read_probe
 from clipscale.export import main as export_main
@@ -40,6 +41,11 @@ def setup(tmp_path_factory):
         foils = [f for f in line["foils"] + others if f != line["caption"]] or line["foils"]
         records.append({**line, "foils": foils, "type": f"kind{number % 2}"})
     (mixed / "probe.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    for index in range(10):  # an ImageFolder-style zero-shot set, evaluated as it is
+        image, _, label = draw_sample(0, "val", index)
+        folder = root / "folders" / CLASSNAMES[label].replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{index}.png")
     torch.manual_seed(0)
     model = build_model(MODEL)
     checkpoint = write_lightning_checkpoint(root / "last.ckpt", model, MODEL)
@@ -83,6 +89,7 @@ def test_cli_metrics_agree_with_open_clip_and_the_strict_rule(setup):
         "clipscale.evaluate",
         f"checkpoint={setup['checkpoint']}",
         f"compositional=[{setup['probe']},{setup['mixed']}]",
+        f"zeroshot=[{setup['root'] / 'folders'}]",
         f"paths.output_dir={out}",
         "device=cpu",
         "batch_size=16",
@@ -90,7 +97,8 @@ def test_cli_metrics_agree_with_open_clip_and_the_strict_rule(setup):
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=setup["root"])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"probe", "mixed"}
+    assert set(metrics) == {"probe", "mixed", "folders"}
+    assert metrics["folders"]["num_samples"] == 10 and 0 <= metrics["folders"]["top1"] <= 1
     for name in ("probe", "mixed"):
         expected, near_ties = reference_scores(setup["exported"], setup[name])
         ours = metrics[name]

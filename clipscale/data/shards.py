@@ -4,9 +4,28 @@
     python -m clipscale.data.shards --table pairs.parquet --path-column url --caption-column text \
         --output OUT --samples-per-shard 10000 --resize 256 --workers 8
 
-Each sample becomes `KEY.EXT` (the image, its original bytes unless resized), `KEY.txt` (the
-caption, stripped) and `KEY.json` (source path and size) in `OUT/shard-NNNNNN.tar`; KEY is the
-input's row number. `OUT/sizes.json` maps each shard file name to its sample count.
+    python -m clipscale.data.shards --layout zeroshot --images CLASS_FOLDERS --output EVAL/NAME
+    python -m clipscale.data.shards --layout retrieval --table captions.csv --output EVAL/NAME
+
+Training layout (`--layout train`, the default): each sample becomes, in
+`OUT/shard-NNNNNN.tar`, with KEY the input's row number (9 digits):
+    KEY.jpg|png|webp  the image: its original bytes, or re-encoded when resized or of another format
+    KEY.txt           the caption, stripped (UTF-8)
+    KEY.json          {"source": input path, "width": w, "height": h} of the original image
+    KEY.foils.json    with --foils-column: the sample's foil captions (hard negatives), a JSON list
+                      of strings, e.g. ["a blue circle left of a red square"]
+`OUT/sizes.json` maps each shard file name to its sample count.
+
+Evaluation layouts, the folders clip_benchmark's `wds/NAME` datasets and clipscale.evaluate read:
+    --layout zeroshot   from an ImageFolder-style folder (one sub-folder of images per class,
+                        classes in sorted order): OUT/test/{0..n-1}.tar with KEY.EXT, KEY.cls (the
+                        integer class, ASCII) and KEY.json; OUT/test/nshards.txt; OUT/classnames.txt
+                        (folder names, underscores as spaces); OUT/zeroshot_classification_templates.txt
+                        (--templates FILE, or clipscale.eval.datasets.DEFAULT_TEMPLATES)
+    --layout retrieval  from a table of (image path, caption) rows, several rows per image allowed:
+                        OUT/test/{0..n-1}.tar with KEY.EXT, KEY.txt (the image's captions, one a
+                        line, in table order) and KEY.json; OUT/test/nshards.txt;
+                        OUT/dataset_type.txt = "retrieval"
 """
 
 from __future__ import annotations
@@ -121,8 +140,24 @@ def pairs_from_folder(folder: Path) -> Iterator[tuple[str, str | None]]:
             yield str(path), caption
 
 
-def pairs_from_table(table: Path, path_column: str, caption_column: str, image_root: Path | None):
-    """(image path, caption) rows of a CSV/TSV/parquet file; relative paths from `image_root`."""
+def _foils_member(value, where: str) -> dict[str, bytes]:
+    """{"foils.json": JSON list} of a table cell holding a JSON list of strings (or a list)."""
+    foils = value
+    if isinstance(value, str):
+        try:
+            foils = json.loads(value) if value.strip() else []
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not a JSON list of strings ({error.msg})") from error
+    foils = (
+        list(foils) if not isinstance(foils, (str, dict)) and hasattr(foils, "__iter__") else foils
+    )
+    if not isinstance(foils, list) or not all(isinstance(f, str) and f.strip() for f in foils):
+        raise ValueError(f"{where}: expected a JSON list of non-empty strings, got {value!r}")
+    return {"foils.json": json.dumps([f.strip() for f in foils]).encode()}
+
+
+def read_table(table: Path, columns: list[tuple[str, str]]):
+    """A CSV/TSV/parquet file as a DataFrame, checking each (option, column) is present."""
     import pandas as pd  # only the table input needs pandas
 
     suffix = table.suffix.lower()
@@ -134,20 +169,101 @@ def pairs_from_table(table: Path, path_column: str, caption_column: str, image_r
         )
     else:
         raise ValueError(f"--table {table}: expected a .csv, .tsv or .parquet file")
-    for option, column in [("--path-column", path_column), ("--caption-column", caption_column)]:
+    for option, column in columns:
         if column not in frame.columns:
             raise ValueError(
                 f"{option} {column!r} is not a column of {table}; it has {list(frame.columns)}"
             )
+    return frame
+
+
+def pairs_from_table(
+    table: Path,
+    path_column: str,
+    caption_column: str,
+    image_root: Path | None,
+    foils_column: str | None = None,
+):
+    """(image path, caption[, {"foils.json"}]) rows of a table; relative paths from `image_root`."""
+    columns = [("--path-column", path_column), ("--caption-column", caption_column)]
+    frame = read_table(
+        table, columns + ([("--foils-column", foils_column)] if foils_column else [])
+    )
     root = image_root or table.parent
-    for path, caption in zip(frame[path_column], frame[caption_column], strict=True):
-        yield str(root / str(path)), (None if caption is None else str(caption))
+    for row, (path, caption) in enumerate(
+        zip(frame[path_column], frame[caption_column], strict=True)
+    ):
+        caption = None if caption is None else str(caption)
+        if foils_column is None:
+            yield str(root / str(path)), caption
+        else:
+            where = f"{table} row {row + 1}, --foils-column {foils_column!r}"
+            yield (
+                str(root / str(path)),
+                caption,
+                _foils_member(frame[foils_column].iloc[row], where),
+            )
 
 
-def encode_sample(job: tuple[int, str, str | None, int | None]) -> tuple[int, dict | None, str]:
-    """Load, check and (optionally) shrink one image: (index, members or None, reason skipped)."""
-    index, path, caption, resize = job
-    if caption is None or not caption.strip():
+def class_folder_rows(folder: Path) -> tuple[list[tuple], list[str]]:
+    """((image path, None, {"cls": class index}) rows, class names) of an ImageFolder folder."""
+    classes = sorted(p for p in folder.iterdir() if p.is_dir())
+    rows = [
+        (str(path), None, {"cls": str(label).encode()})
+        for label, class_folder in enumerate(classes)
+        for path in sorted(class_folder.rglob("*"))
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+    ]
+    if not rows:
+        raise ValueError(
+            f"--images {folder}: --layout zeroshot needs one sub-folder of images per class "
+            "(DIR/<class name>/*.jpg), found none"
+        )
+    return rows, [p.name.replace("_", " ") for p in classes]
+
+
+def caption_rows(table: Path, path_column: str, caption_column: str, image_root: Path | None):
+    """(image path, its captions one a line) per distinct image of a table, in first-seen order."""
+    captions: dict[str, list[str]] = {}
+    for path, caption in pairs_from_table(table, path_column, caption_column, image_root):
+        line = " ".join((caption or "").split())  # one caption, one line
+        captions.setdefault(path, [])
+        if line:
+            captions[path].append(line)
+    return [(path, "\n".join(lines)) for path, lines in captions.items()]
+
+
+def write_eval_layout(layout: str, rows, output: Path, args, classnames=None) -> dict[str, int]:
+    """Write clip_benchmark's zero-shot or retrieval layout of `rows` to `output`; sizes."""
+    from clipscale.eval.datasets import DEFAULT_TEMPLATES
+
+    sizes, skipped = write_shards(
+        rows, output / "test", args.samples_per_shard, args.resize, args.workers, "{}.tar"
+    )
+    (output / "test" / "nshards.txt").write_text(f"{len(sizes)}\n")
+    if layout == "zeroshot":
+        (output / "classnames.txt").write_text("\n".join(classnames) + "\n")
+        templates = (
+            args.templates.read_text("utf-8").strip()
+            if args.templates
+            else "\n".join(DEFAULT_TEMPLATES)
+        )
+        if "{c}" not in templates:
+            raise ValueError(f"--templates {args.templates}: templates need the {{c}} placeholder")
+        (output / "zeroshot_classification_templates.txt").write_text(templates + "\n")
+    else:
+        (output / "dataset_type.txt").write_text("retrieval\n")
+    return sizes, skipped
+
+
+def encode_sample(job: tuple) -> tuple[int, dict | None, str]:
+    """Load, check and (optionally) shrink one image: (index, members or None, reason skipped).
+
+    `job` = (index, path, caption, resize[, extra members {ext: bytes} added to the sample]).
+    """
+    index, path, caption, resize, *rest = job
+    extra = rest[0] if rest else {}
+    if (caption is None or not caption.strip()) and "cls" not in extra:
         return index, None, f"{path}: no caption"
     try:
         with Image.open(path) as image:
@@ -161,11 +277,10 @@ def encode_sample(job: tuple[int, str, str | None, int | None]) -> tuple[int, di
     except Exception as error:  # unreadable file or anything PIL cannot decode: leave it out
         return index, None, f"{path}: {error}"
     meta = {"source": path, "width": width, "height": height}
-    return (
-        index,
-        {ext: data, "txt": caption.strip().encode(), "json": json.dumps(meta).encode()},
-        "",
-    )
+    members = {ext: data, "json": json.dumps(meta).encode()}
+    if caption is not None:
+        members["txt"] = caption.strip().encode()
+    return index, {**members, **extra}, ""
 
 
 def _reencoded(image: Image.Image, ext: str, resize: int | None) -> bytes:
@@ -187,8 +302,9 @@ def _reencoded(image: Image.Image, ext: str, resize: int | None) -> bytes:
 class ShardWriter:
     """Writes members to numbered tar shards of `samples_per_shard` samples each."""
 
-    def __init__(self, output: Path, samples_per_shard: int) -> None:
+    def __init__(self, output: Path, samples_per_shard: int, name_format="shard-{:06d}.tar"):
         self.output, self.samples_per_shard = output, samples_per_shard
+        self.name_format = name_format
         self.sizes: dict[str, int] = {}
         self.tar: tarfile.TarFile | None = None
 
@@ -196,7 +312,7 @@ class ShardWriter:
         """Append one sample, starting a new shard when the current one is full."""
         if self.tar is None or self.sizes[self.name] == self.samples_per_shard:
             self._close_shard()
-            self.name = f"shard-{len(self.sizes):06d}.tar"
+            self.name = self.name_format.format(len(self.sizes))
             # Written under a temporary name so that an interrupted run leaves no valid-looking shard.
             self.tar = tarfile.open(  # noqa: SIM115 - closed by _close_shard when full
                 self.output / f"{self.name}.partial", "w", format=tarfile.GNU_FORMAT
@@ -220,15 +336,22 @@ class ShardWriter:
         return self.sizes
 
 
-def write_shards(pairs, output: Path, samples_per_shard: int, resize: int | None, workers: int):
-    """Write (path, caption) pairs to shards in `output`; returns (sizes, skipped reasons)."""
+def write_shards(
+    pairs,
+    output: Path,
+    samples_per_shard: int,
+    resize: int | None,
+    workers: int,
+    name_format: str = "shard-{:06d}.tar",
+):
+    """Write (path, caption[, extra members]) rows to shards in `output`: (sizes, skipped reasons)."""
     output.mkdir(parents=True, exist_ok=True)
     if any(output.glob("*.tar")):
         raise FileExistsError(
             f"--output {output} already holds .tar shards; choose an empty folder"
         )
-    jobs = ((index, path, caption, resize) for index, (path, caption) in enumerate(pairs))
-    writer, skipped, seen = ShardWriter(output, samples_per_shard), [], 0
+    jobs = ((index, *row[:2], resize, *row[2:]) for index, row in enumerate(pairs))
+    writer, skipped, seen = ShardWriter(output, samples_per_shard, name_format), [], 0
     with contextlib.ExitStack() as stack:
         if workers > 1:
             # imap keeps input order, so keys, shards and sizes.json do not depend on --workers.
@@ -258,6 +381,19 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument(
         "--table", type=Path, help="CSV, TSV or parquet file of image paths and captions"
     )
+    parser.add_argument(
+        "--layout",
+        choices=("train", "zeroshot", "retrieval"),
+        default="train",
+        help="train: training shards; zeroshot (from --images class folders) or retrieval (from "
+        "--table): clip_benchmark's evaluation layout",
+    )
+    parser.add_argument(
+        "--templates", type=Path, help="zeroshot: file of prompt templates, one a line, {c} = class"
+    )
+    parser.add_argument(
+        "--foils-column", help="train: table column of foil captions (a JSON list of strings)"
+    )
     parser.add_argument("--path-column", default="path", help="table column of image paths")
     parser.add_argument("--caption-column", default="caption", help="table column of captions")
     parser.add_argument(
@@ -281,15 +417,34 @@ def main(argv: list[str] | None = None) -> None:
     ]:
         if value < 1:
             parser.error(f"{option} {value}: expected a positive integer")
-    if args.images is not None:
-        if not args.images.is_dir():
-            parser.error(f"--images {args.images}: not a folder")
-        pairs = pairs_from_folder(args.images)
+    if args.images is not None and not args.images.is_dir():
+        parser.error(f"--images {args.images}: not a folder")
+    if args.layout == "zeroshot" and args.images is None:
+        parser.error("--layout zeroshot reads class folders: give --images DIR (DIR/<class>/*.jpg)")
+    if args.layout == "retrieval" and args.table is None:
+        parser.error("--layout retrieval reads captions from a table: give --table FILE")
+    if args.foils_column and (args.layout != "train" or args.table is None):
+        parser.error("--foils-column needs --layout train and --table")
+    if args.layout == "zeroshot":
+        rows, classnames = class_folder_rows(args.images)
+        sizes, skipped = write_eval_layout("zeroshot", rows, args.output, args, classnames)
+    elif args.layout == "retrieval":
+        rows = caption_rows(args.table, args.path_column, args.caption_column, args.image_root)
+        sizes, skipped = write_eval_layout("retrieval", rows, args.output, args)
     else:
-        pairs = pairs_from_table(args.table, args.path_column, args.caption_column, args.image_root)
-    sizes, skipped = write_shards(
-        pairs, args.output, args.samples_per_shard, args.resize, args.workers
-    )
+        if args.images is not None:
+            pairs = pairs_from_folder(args.images)
+        else:
+            pairs = pairs_from_table(
+                args.table,
+                args.path_column,
+                args.caption_column,
+                args.image_root,
+                args.foils_column,
+            )
+        sizes, skipped = write_shards(
+            pairs, args.output, args.samples_per_shard, args.resize, args.workers
+        )
     print(
         f"wrote {sum(sizes.values())} samples in {len(sizes)} shards to {args.output}; left out {len(skipped)}"
     )

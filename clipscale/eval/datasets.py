@@ -7,6 +7,11 @@ Layout (the folders clip_benchmark's `wds/NAME` datasets read, so one copy serve
     DATASET/zeroshot_classification_templates.txt          one template a line, `{c}` = class
     DATASET/dataset_type.txt                               `retrieval` for captioned sets
 
+An ImageFolder-style folder (DATASET/<class name>/*.jpg|png|webp, no nshards.txt) is read as a
+zero-shot dataset too: classes are the sub-folders in sorted order, a class name is its folder
+name with underscores as spaces, and the templates are DEFAULT_TEMPLATES (or the folder's own
+classnames.txt / zeroshot_classification_templates.txt when present).
+
 Samples keep their position in the dataset (`index`), so results computed on several ranks or
 workers can be put back in dataset order and reduce to exactly the single-process numbers.
 """
@@ -24,6 +29,14 @@ from PIL import Image
 from clipscale.data.shards import shard_urls
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
+DEFAULT_TEMPLATES = (
+    "a photo of a {c}.",
+    "a photo of the {c}.",
+    "a picture of a {c}.",
+    "an image of a {c}.",
+    "a close-up photo of a {c}.",
+    "a drawing of a {c}.",
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,12 @@ class EvalDatasetInfo:
     shards: list[str]
     classnames: list[str] | None
     templates: list[str] | None
+    files: list[tuple[str, int]] | None = None  # ImageFolder input: (image path, class index)
+
+    @property
+    def sources(self) -> list:
+        """What eval_loader reads: shard urls, or (path, class) pairs of an ImageFolder."""
+        return self.files if self.files is not None else self.shards
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -43,14 +62,42 @@ def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+def image_folder_info(root: Path) -> EvalDatasetInfo | None:
+    """A zero-shot dataset of an ImageFolder-style folder, None if `root` is not one."""
+    classes = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    files = [
+        (str(path), label)
+        for label, folder in enumerate(classes)
+        for path in sorted(folder.rglob("*"))
+        if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and path.is_file()
+    ]
+    if not files:
+        return None
+    classnames = [folder.name.replace("_", " ") for folder in classes]
+    if (root / "classnames.txt").is_file():
+        classnames = _read_lines(root / "classnames.txt")
+        if len(classnames) != len(classes):
+            raise ValueError(
+                f"{root}/classnames.txt lists {len(classnames)} names for {len(classes)} class folders"
+            )
+    templates = list(DEFAULT_TEMPLATES)
+    if (root / "zeroshot_classification_templates.txt").is_file():
+        templates = _read_lines(root / "zeroshot_classification_templates.txt")
+    return EvalDatasetInfo(root.name, root, "classification", [], classnames, templates, files)
+
+
 def read_dataset_info(root: str | Path, split: str = "test") -> EvalDatasetInfo:
     """Read a clip_benchmark-layout folder's metadata, raising a clear error for what is missing."""
     root = Path(root)
     nshards_file = root / split / "nshards.txt"
+    if not nshards_file.is_file() and (info := image_folder_info(root)) is not None:
+        return info
     if not nshards_file.is_file():
         raise FileNotFoundError(
             f"{str(root)!r} is not a clip_benchmark webdataset folder: {nshards_file} is missing. "
-            f"Expected {root}/{split}/nshards.txt and {root}/{split}/0.tar, 1.tar, ..."
+            f"Expected {root}/{split}/nshards.txt and {root}/{split}/0.tar, 1.tar, ..., or "
+            "ImageFolder-style class folders of images (python -m clipscale.data.shards "
+            "--layout zeroshot converts those)"
         )
     nshards = int(nshards_file.read_text().strip())
     shards = [str(root / split / f"{i}.tar") for i in range(nshards)]
@@ -83,6 +130,9 @@ def read_dataset_info(root: str | Path, split: str = "test") -> EvalDatasetInfo:
 
 
 def _decode_image(sample: dict) -> Image.Image:
+    if "__file__" in sample:
+        with Image.open(sample["__file__"]) as image:
+            return image.convert("RGB")
     for ext in IMAGE_EXTENSIONS:
         if ext in sample:
             return Image.open(io.BytesIO(sample[ext])).convert("RGB")
@@ -118,7 +168,10 @@ class EvalSamples(torch.utils.data.IterableDataset):
         num_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
         readers = self.world_size * num_workers
         reader = self.rank * num_workers + worker_id
-        raw = wds.DataPipeline(wds.SimpleShardList(self.shards), wds.tarfile_to_samples())
+        if self.shards and isinstance(self.shards[0], tuple):  # ImageFolder (path, class) pairs
+            raw = ({"__file__": path, "__cls__": label} for path, label in self.shards)
+        else:
+            raw = wds.DataPipeline(wds.SimpleShardList(self.shards), wds.tarfile_to_samples())
         for index, sample in enumerate(raw):
             if self.max_samples is not None and index >= self.max_samples:
                 return
@@ -127,6 +180,8 @@ class EvalSamples(torch.utils.data.IterableDataset):
             yield index, self.transform(_decode_image(sample)), self._target(sample)
 
     def _target(self, sample: dict):
+        if "__cls__" in sample:
+            return sample["__cls__"]
         if self.captions:
             if "txt" not in sample:
                 raise ValueError(f"sample {sample['__key__']!r} in {sample['__url__']} has no txt")

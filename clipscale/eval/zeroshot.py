@@ -135,7 +135,13 @@ def evaluate_zeroshot(
     nonfinite_images = torch.zeros(1, dtype=torch.long)  # summed over ranks below
     kept = []
     loader = eval_loader(
-        info.shards, transform, False, batch_size, rank=this_rank, world_size=num_ranks, **loader_kw
+        info.sources,
+        transform,
+        False,
+        batch_size,
+        rank=this_rank,
+        world_size=num_ranks,
+        **loader_kw,
     )
     for indices, images, targets in loader:
         targets = torch.tensor(targets)
