@@ -177,3 +177,12 @@ def test_missing_field_and_bad_json_are_refused(tmp_path):
         read_probe(_probe_with(tmp_path, {}, "{not json"))
     with pytest.raises(FileNotFoundError, match="probe.jsonl"):
         read_probe(tmp_path / "nowhere")
+
+
+def test_train_config_passes_eval_compositional_to_the_callback(setup, compose_config, tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = compose_config([f"paths.output_dir={tmp_path}"])
+    assert instantiate(cfg.callbacks.validation).compositional == []
+    cfg = compose_config([f"eval.compositional=[{setup['mixed']}]", f"paths.output_dir={tmp_path}"])
+    assert instantiate(cfg.callbacks.validation).compositional == [setup["mixed"]]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from clipscale.data.probe import write_probe
 from clipscale.data.synthetic import SyntheticDataModule
 from clipscale.eval.callback import ValidationCallback
 from clipscale.models import build_model
@@ -26,6 +27,7 @@ def _validation_metrics(rank: int, world_size: int, roots: dict, out_dir: Path) 
         every_n_steps=1,
         zeroshot=[roots["cls"]],
         retrieval=[roots["ret"]],
+        compositional=[roots["probe"]],
         val_shards=shards,
         batch_size=8,
         loss_block_size=16,
@@ -46,11 +48,13 @@ def datasets(tmp_path_factory) -> dict:
     write_classification_dataset(root / "shapes", 31, per_shard=12)
     write_retrieval_dataset(root / "captions", 21, captions_per_image=3, per_shard=8)
     write_retrieval_dataset(root / "val", 19, captions_per_image=1, seed=7, per_shard=7)
+    write_probe(root / "probe", per_type=7)  # 21 samples: uneven shares of every type
     return {
         "cls": str(root / "shapes"),
         "ret": str(root / "captions"),
         "val": str(root / "val"),
         "val_shards": 3,
+        "probe": str(root / "probe"),
     }
 
 
@@ -62,6 +66,8 @@ def test_validation_callback_two_processes_equal_one(datasets, tmp_path):
     assert ranks[0] == ranks[1]  # every rank holds the reduced numbers
     expected_keys = {
         "val/zeroshot/shapes/top1",
+        "val/compositional/probe/relation_swap",
+        "val/compositional/probe/overall",
         "val/retrieval/captions/image_to_text_R@5",
         "val/contrastive_loss",
         "val/modality_gap",
