@@ -9,13 +9,16 @@ both count `nonfinite_features` (NaN/inf rows, scored as misses). Compositional 
 
 A zero-shot folder is clip_benchmark's webdataset layout (python -m clipscale.data.shards
 --layout zeroshot writes one) or an ImageFolder-style folder (one sub-folder of images per class,
-class names from the folder names, default templates).
-    python -m clipscale.data.shards --layout zeroshot --images data/shapes_images \
-        --output data/eval/shapes
+class names from the folder names, default templates). MY_CLASSES below stands for such a
+folder of your own (MY_CLASSES/<class name>/*.jpg); the other folders are written by the commands.
     python -m clipscale.data.probe --output data/eval/probe
+    python -m clipscale.data.shards --layout zeroshot --images MY_CLASSES --output data/eval/mine
     python -m clipscale.evaluate checkpoint=runs/demo/checkpoints/last.ckpt \
-        zeroshot=[data/eval/shapes] compositional=[data/eval/probe] paths.output_dir=runs/demo/eval
-    python -m clipscale.evaluate checkpoint=ViT-B-32.pt model_name=ViT-B-32 zeroshot=[eval/cifar10]
+        zeroshot=[data/eval/mine] compositional=[data/eval/probe] paths.output_dir=runs/demo/eval
+    clip_benchmark_export_wds --dataset cifar10 --split test --dataset-root data/raw/cifar10 \
+        --output data/eval/cifar10    # needs internet once: torchvision downloads CIFAR-10
+    python -m clipscale.evaluate checkpoint=ViT-B-32.pt model_name=ViT-B-32 \
+        zeroshot=[data/eval/cifar10]
 """
 
 from __future__ import annotations
