@@ -107,7 +107,9 @@ def _names_secret(raw: str) -> bool:
 
 def _fresh_run_dir(path: Path) -> bool:
     """A run directory that holds nothing but what Hydra wrote when the job started."""
-    return path.is_dir() and {entry.name for entry in path.iterdir()} <= {".hydra", "train.log"}
+    return path.is_dir() and all(
+        entry.name == ".hydra" or entry.suffix == ".log" for entry in path.iterdir()
+    )
 
 
 def known_errors(run_dir: Callable[[], Path | None] = lambda: None):

@@ -31,6 +31,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from clipscale.cli import UserError, known_errors
 from clipscale.eval.compositional import evaluate_compositional, read_probe
 from clipscale.eval.datasets import read_dataset_info
 from clipscale.eval.retrieval import evaluate_retrieval
@@ -119,10 +120,18 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _hydra_run_dir() -> Path | None:
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+@known_errors(_hydra_run_dir)
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: evaluate, write metrics.json, print the table."""
-    results = evaluate(cfg)
+    try:
+        results = evaluate(cfg)
+    except (ValueError, FileNotFoundError) as error:  # bad checkpoint, dataset folder or line
+        raise UserError(str(error)) from error
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")

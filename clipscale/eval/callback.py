@@ -141,6 +141,8 @@ class ValidationCallback(Callback):
         self._last_step = trainer.global_step
         datamodule = getattr(trainer, "datamodule", None)
         metrics = self.compute(pl_module.model, pl_module.hparams.model["name"], datamodule)
+        if not metrics:  # nothing configured to validate on: no line, no empty log entry
+            return metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self.history.append((trainer.global_step, metrics))
