@@ -32,7 +32,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from clipscale.data.synthetic import BACKGROUNDS, CANVAS, COLOURS, SHAPES
+from clipscale.data.synthetic import BACKGROUNDS, CANVAS, COLOURS, SHAPES, draw_shape
 
 FOIL_TYPES = ("attribute_swap", "relation_swap", "negation")
 SIDES = ("left", "right")
@@ -103,22 +103,6 @@ def draw_scene(rng: random.Random) -> Scene:
     return Scene(Thing(colours[0], shapes[0]), Thing(colours[1], shapes[1]), background)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, radius: int, fill) -> None:
-    box = (x - radius, y - radius, x + radius, y + radius)
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif shape == "triangle":
-        draw.polygon(
-            [(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=fill
-        )
-    else:
-        arm = max(2, radius // 3)
-        draw.rectangle((x - radius, y - arm, x + radius, y + arm), fill=fill)
-        draw.rectangle((x - arm, y - radius, x + arm, y + radius), fill=fill)
-
-
 def render_scene(scene: Scene, rng: random.Random) -> Image.Image:
     """The scene drawn on a CANVAS² image: each thing inside its own half, never overlapping."""
     image = Image.new("RGB", (CANVAS, CANVAS), BACKGROUNDS[scene.background])
@@ -136,7 +120,7 @@ def render_scene(scene: Scene, rng: random.Random) -> Image.Image:
         )
         x, y = rng.randint(low, high), rng.randint(radius + 1, CANVAS - radius - 2)
         fill = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[thing.colour])
-        _draw_shape(draw, thing.shape, x, y, radius, fill)
+        draw_shape(draw, thing.shape, x, y, radius, fill)
     return image
 
 

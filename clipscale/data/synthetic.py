@@ -61,6 +61,23 @@ def _centre(position: str, radius: int, rng: random.Random) -> tuple[int, int]:
     return x, y
 
 
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, radius: int, fill) -> None:
+    """Draw one of SHAPES centred at (x, y) with the given radius and fill colour."""
+    box = (x - radius, y - radius, x + radius, y + radius)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon(
+            [(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=fill
+        )
+    else:
+        arm = max(2, radius // 3)
+        draw.rectangle((x - radius, y - arm, x + radius, y + arm), fill=fill)
+        draw.rectangle((x - arm, y - radius, x + arm, y + radius), fill=fill)
+
+
 def draw_sample(seed: int, split: str, index: int) -> tuple[Image.Image, str, int]:
     """(image, caption, class index) for one sample, deterministic in its arguments."""
     rng = random.Random(f"{seed}/{split}/{index}")
@@ -75,19 +92,7 @@ def draw_sample(seed: int, split: str, index: int) -> tuple[Image.Image, str, in
     image = Image.new("RGB", (CANVAS, CANVAS), BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)
     fill = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[colour])
-    box = (x - radius, y - radius, x + radius, y + radius)
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif shape == "triangle":
-        draw.polygon(
-            [(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=fill
-        )
-    else:
-        arm = max(2, radius // 3)
-        draw.rectangle((x - radius, y - arm, x + radius, y + arm), fill=fill)
-        draw.rectangle((x - arm, y - radius, x + arm, y + radius), fill=fill)
+    draw_shape(draw, shape, x, y, radius, fill)
 
     caption = rng.choice(CAPTIONS).format(
         size=size, colour=colour, shape=shape, position=position, background=background
