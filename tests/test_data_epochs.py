@@ -120,3 +120,12 @@ def test_unequal_shards_give_every_rank_the_same_steps(tmp_path):
     for epoch in range(2):
         keys = [k for result in ranks for k in result["keys"][epoch]]
         assert len(keys) == len(set(keys)) == 144  # each sample at most once, 3 left out
+
+
+def test_too_few_samples_for_one_batch_per_rank_fail_at_setup(tmp_path):
+    write_clean_shards(tmp_path, shards=1, per_shard=5)
+    data = WebDataModule(
+        train_shards=str(tmp_path / "0000.tar"), resampled=False, batch_size=8, model_name=TINY
+    )
+    with pytest.raises(ValueError, match=r"5 samples over 1 rank\(s\) give no full batch"):
+        data.setup("fit")

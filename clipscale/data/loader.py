@@ -124,3 +124,13 @@ class EpochLoader(DataLoader):
         done, cursors, salt = self.position.start(epoch) if self.position else (0, [0] * workers, 0)
         self.dataset.start(epoch, done, cursors, salt)
         return super().__iter__()
+
+    def state_dict(self) -> dict:
+        """Nothing: every rank's position is saved by WebDataModule.state_dict (gathered there).
+
+        Having the method tells Lightning the loader resumes mid-epoch (no warning on resume).
+        """
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing to load here: WebDataModule.load_state_dict restores the position."""

@@ -20,6 +20,7 @@ import logging
 import math
 import multiprocessing
 import random
+import warnings
 from collections.abc import Callable, Iterator
 
 import lightning as L
@@ -45,6 +46,9 @@ from clipscale.models import build_tokenizer, build_transforms
 __all__ = ["SKIP_KINDS", "EpochLoader", "ShardStream", "WebDataModule"]
 
 log = logging.getLogger(__name__)
+# Lightning warns that an IterableDataset's len may be wrong with several workers; the plan
+# (sources.py) makes it exact, and the tests check it.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 class ShardStream(IterableDataset):
@@ -363,6 +367,12 @@ class WebDataModule(L.LightningDataModule):
             **common,
         )
         batches = self.train_stream.batches_per_epoch()
+        if batches == 0:
+            raise ValueError(
+                f"data.train_shards: {samples} samples over {world_size} rank(s) give no full "
+                f"batch of data.batch_size={self.batch_size} per rank in a one-pass epoch; lower "
+                "data.batch_size, add shards, or set data.resampled=true"
+            )
         layout = {
             "world_size": world_size,
             "workers": max(1, workers),
@@ -419,7 +429,7 @@ class WebDataModule(L.LightningDataModule):
             return batch
         if self.trim_ranks:
             batch = trim_to_shortest(batch)
-        self.position.count_samples(len(batch["keys"]))
+        self.position.count_samples(len(batch["texts"]))
         return batch
 
     def state_dict(self) -> dict:
