@@ -32,6 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from clipscale.cli import UserError, known_errors
+from clipscale.data.probe import resolve_probe_dirs
 from clipscale.eval.compositional import evaluate_compositional, read_probe
 from clipscale.eval.datasets import read_dataset_info
 from clipscale.eval.retrieval import evaluate_retrieval
@@ -65,7 +66,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     """Metrics of every configured dataset, keyed by dataset folder name."""
     folders = [(root, "classification") for root in cfg.zeroshot]
     folders += [(root, "retrieval") for root in cfg.retrieval]
-    probes = [Path(root) for root in cfg.get("compositional") or ()]
+    probes = resolve_probe_dirs(cfg.get("compositional"))  # `builtin`: the default probe
     if not folders and not probes:
         raise ValueError(
             "nothing to evaluate: give zeroshot=[DIR,...], retrieval=[DIR,...] and/or "

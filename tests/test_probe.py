@@ -192,3 +192,16 @@ def test_default_synthetic_data_is_the_one_object_demo():
 def test_bad_hard_negative_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         SyntheticDataModule(MODEL, **kwargs)
+
+
+def test_builtin_names_the_default_probe_written_once(tmp_path, monkeypatch):
+    from clipscale.data.probe import builtin_probe_dir, resolve_probe_dirs, write_probe
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (root,) = resolve_probe_dirs(["builtin"])
+    assert root == builtin_probe_dir() and root.is_relative_to(tmp_path / "cache")
+    reference = write_probe(tmp_path / "reference")
+    assert (root / "probe.jsonl").read_text() == (reference / "probe.jsonl").read_text()
+    written = (root / "probe.jsonl").stat().st_mtime_ns
+    assert builtin_probe_dir() == root and (root / "probe.jsonl").stat().st_mtime_ns == written
+    assert resolve_probe_dirs([str(tmp_path / "mine")]) == [tmp_path / "mine"]

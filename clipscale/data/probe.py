@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +196,32 @@ def write_probe(output: Path, per_type: int = 500, seed: int = 0) -> Path:
             lines.append(json.dumps({**line, "scene": scene.to_json()}))
     (output / "probe.jsonl").write_text("\n".join(lines) + "\n")
     return output
+
+
+BUILTIN = "builtin"  # the name that stands for the default probe in eval.compositional
+
+
+def builtin_probe_dir() -> Path:
+    """The default probe (seed 0, 500 per type), written once into the user's cache folder.
+
+    Written to a private sibling first and renamed into place, so ranks or runs that start
+    together never read a half-written probe.
+    """
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    target = cache / "clipscale" / "probes" / "two_objects"
+    if not (target / "probe.jsonl").is_file():
+        draft = target.with_name(f"{target.name}.{os.getpid()}")
+        write_probe(draft)
+        try:
+            draft.rename(target)
+        except OSError:  # another process put it there first
+            shutil.rmtree(draft, ignore_errors=True)
+    return target
+
+
+def resolve_probe_dirs(roots) -> list[Path]:
+    """Probe folders from config entries, `builtin` standing for builtin_probe_dir()."""
+    return [builtin_probe_dir() if str(root) == BUILTIN else Path(root) for root in roots or ()]
 
 
 def main(argv: list[str] | None = None) -> None:

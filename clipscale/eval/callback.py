@@ -8,14 +8,13 @@ image-caption set is `val_shards` (training-format shards) or, without them, the
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
+from clipscale.data.probe import resolve_probe_dirs
 from clipscale.distributed import all_gather_rows, rank, world_size
 from clipscale.eval.compositional import evaluate_compositional, read_probe
 from clipscale.eval.datasets import expand_shard_pattern, read_dataset_info
@@ -114,7 +113,7 @@ class ValidationCallback(Callback):
                 raise ValueError(
                     f"{str(info.root)!r} is a {info.dataset_type} dataset, listed as {expected}"
                 )
-        self.compositional = [Path(root) for root in compositional or ()]
+        self.compositional = resolve_probe_dirs(compositional)
         for root in self.compositional:
             read_probe(root)  # a bad line fails at start-up
         self.val_shards = (
