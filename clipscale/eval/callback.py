@@ -51,6 +51,15 @@ def _datamodule_share(loader: DataLoader, num_workers: int):
             yield torch.tensor(indices[start : start + size]), batch
             start += size
         return
+    if getattr(dataset, "world_size", 1) == num_ranks > 1:
+        # a stream already split over ranks (WebDataModule's): keep every batch; number the
+        # samples rank-interleaved so the indices stay unique over ranks
+        seen = 0
+        for batch in loader:
+            size = batch["images"].shape[0]
+            yield (torch.arange(seen, seen + size)) * num_ranks + this_rank, batch
+            seen += size
+        return
     # iterable (e.g. a webdataset stream): every rank reads the stream, keeps every P-th batch
     offset = 0
     for number, batch in enumerate(loader):
