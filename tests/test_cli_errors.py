@@ -4,6 +4,7 @@ documented options work as written, a resumed run continues its own directory, s
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -176,3 +177,33 @@ def test_interpolated_secrets_reach_no_logger_and_no_file(tmp_path):
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+# --- a normal run's output -------------------------------------------------------------------------
+NOISE = (
+    "Epoch 0/-2",
+    "but have no `validation_step`",
+    "No pretrained weights loaded",
+    "`weights_only` was not set",
+    "Total FLOPs",
+    "litlogger",
+    "v_num",
+    ": {}",
+    "`srun` command is available",
+)
+
+
+def test_a_normal_run_prints_none_of_the_known_noise(tmp_path):
+    srun = tmp_path / "srun"  # an `srun` on the PATH, as on a login node, outside any job
+    srun.write_text("#!/bin/sh\nexit 0\n")
+    srun.chmod(0o755)
+    result = run_cli(
+        "logger=csv", "trainer.max_steps=2", "eval.every_n_steps=2", "data.val_samples=64",
+        "data.batch_size=8", "data.num_workers=0", f"paths.output_dir={tmp_path}",
+        env={"PATH": f"{tmp_path}:{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "step" in output and "clipscale run finished" in output
+    for text in NOISE:
+        assert text not in output, text
