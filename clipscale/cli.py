@@ -112,7 +112,14 @@ def _fresh_run_dir(path: Path) -> bool:
     )
 
 
-def known_errors(run_dir: Callable[[], Path | None] = lambda: None):
+def hydra_run_dir() -> Path | None:
+    """The running Hydra job's output directory, or None outside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def known_errors(run_dir: Callable[[], Path | None] = hydra_run_dir):
     """Decorate an entry point: a UserError (or a config error) ends in one line on stderr and
     exit status 1, removing a run directory the failed start left empty. HYDRA_FULL_ERROR=1 raises."""
     from clipscale.config import ConfigError

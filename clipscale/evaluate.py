@@ -31,7 +31,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from clipscale.cli import UserError, known_errors
+from clipscale.cli import UserError, hydra_run_dir, known_errors
 from clipscale.data.probe import resolve_probe_dirs
 from clipscale.eval.compositional import evaluate_compositional, read_probe
 from clipscale.eval.datasets import read_dataset_info
@@ -121,12 +121,8 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _hydra_run_dir() -> Path | None:
-    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
-@known_errors(_hydra_run_dir)
+@known_errors(hydra_run_dir)
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: evaluate, write metrics.json, print the table."""
     try:

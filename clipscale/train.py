@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
-from clipscale.cli import UserError, check_overrides, known_errors, redacted
+from clipscale.cli import UserError, check_overrides, hydra_run_dir, known_errors, redacted
 from clipscale.config import validate_config
 from clipscale.module import CLIPModule
 from clipscale.preemption import wandb_resume_kwargs
@@ -253,12 +253,8 @@ def print_summary(summary: dict, trainer: L.Trainer) -> None:
     print("\n".join(["", "clipscale run finished", *lines]), flush=True)
 
 
-def _hydra_run_dir() -> Path | None:
-    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-@known_errors(_hydra_run_dir)
+@known_errors(hydra_run_dir)
 def hydra_main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     quiet_known_noise()
