@@ -82,8 +82,9 @@ def redacted(config) -> dict:
     def walk(node):
         if OmegaConf.is_dict(node):
             result = {}
+            unresolved = OmegaConf.to_container(node, resolve=False)  # once per dict
             for key in node:
-                raw = OmegaConf.to_container(node, resolve=False)[key]
+                raw = unresolved[key]
                 if is_secret_key(key) or (isinstance(raw, str) and _names_secret(raw)):
                     result[key] = REDACTED
                 else:

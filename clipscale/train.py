@@ -148,16 +148,14 @@ def preflight(cfg: DictConfig) -> None:
             "<run dir>/checkpoints/last.ckpt, or leave ckpt_path unset to start a new run"
         )
     if str(cfg.data.get("_target_", "")).endswith("WebDataModule"):
-        from clipscale.data.shards import expand_shards
+        from clipscale.data.shards import shard_urls
 
         for key in ("train_shards", "val_shards"):
             spec = cfg.data.get(key)
             if spec is None:
                 continue
-            patterns = spec.split("::") if isinstance(spec, str) else list(spec)
             try:
-                for pattern in patterns:
-                    expand_shards(pattern, f"data.{key}")
+                shard_urls(spec, f"data.{key}")  # the reader the data module uses
             except FileNotFoundError as error:
                 raise UserError(str(error)) from error
 
