@@ -20,6 +20,7 @@ from clipscale.config import ConfigError
 from clipscale.distributed import all_reduce_gradients, all_reduce_sum, world_size
 from clipscale.flops import forward_flops_per_sample, peak_tflops, train_flops_per_sample
 from clipscale.gradcache import cached_backward, encode, encode_foils, logit_params
+from clipscale.guard import NonFiniteGuard, guard_options
 from clipscale.models import build_model, normalize_images
 from clipscale.optim import parameter_groups, warmup_cosine
 
@@ -42,7 +43,14 @@ def refuse_batch_norm(model: torch.nn.Module, model_name: str, chunk_size) -> No
 class CLIPModule(L.LightningModule):
     """LightningModule around an open_clip CLIP model (see module docstring for the step)."""
 
-    def __init__(self, model: dict, loss: dict, optim: dict, grad_cache: dict | None = None):
+    def __init__(
+        self,
+        model: dict,
+        loss: dict,
+        optim: dict,
+        grad_cache: dict | None = None,
+        guard: dict | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -62,6 +70,7 @@ class CLIPModule(L.LightningModule):
         if self.chunk_size is not None:
             refuse_batch_norm(self.model, model["name"], self.chunk_size)
         self.max_logit_scale = model.get("max_logit_scale", MAX_LOGIT_SCALE)
+        self.guard = NonFiniteGuard(**(guard or {}))  # skips NaN/Inf steps (clipscale/guard.py)
         self._last_step_start: float | None = None
         self._skipped_total = 0
         self._flops_per_sample = 0.0
@@ -123,10 +132,15 @@ class CLIPModule(L.LightningModule):
             all_reduce_gradients(self.parameters())
 
         step_lr = optimizer.param_groups[0]["lr"]  # the rate this update uses, logged below
-        optimizer.step()  # clipping happens in on_before_optimizer_step, after fp16 unscaling
-        scheduler.step()
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0, self.max_logit_scale)
+        # optimizer.step() (clipping happens in on_before_optimizer_step, after fp16 unscaling) and
+        # scheduler.step(), unless the loss or a gradient is NaN/Inf on some rank.
+        stepped = self.guard.step(
+            loss, optimizer, scheduler, self.global_step, **guard_options(self.trainer)
+        )
+        if stepped:
+            with torch.no_grad():
+                self.model.logit_scale.clamp_(0, self.max_logit_scale)
+        self.log("train/skipped_steps", self.guard.skipped_steps, rank_zero_only=True)  # no host sync
 
         self._log_step(loss, batch, step_lr)
         return loss

@@ -61,6 +61,7 @@ def build_module(cfg: DictConfig) -> CLIPModule:
         loss=section("loss"),
         optim=section("optim"),
         grad_cache=section("grad_cache"),
+        guard=section("guard") if "guard" in cfg else None,
     )
 
 

@@ -1,0 +1,159 @@
+"""Non-finite guard: a step whose loss or gradients hold NaN/Inf on any rank updates nothing.
+
+A large-batch run that diverges must not keep stepping with NaN weights until its time limit. Each
+step, every rank computes one flag (its loss and its gradients' total norm are finite or not) and
+one all-reduce (MAX) makes all ranks agree, so a NaN seen on one rank skips the step everywhere and
+the replicas never drift apart. `guard.max_consecutive_nonfinite` skips in a row stop the run with
+a one-line error; the checkpoints written before are kept (the skipped steps changed no weight).
+
+Two ways to skip, because reading a device flag on the host waits for the GPU every step:
+- host path (CPU, or an optimizer without a device-side skip): the flag is read at once; a skipped
+  step has no optimizer update (gradients dropped, so AdamW leaves its moments and step count as
+  they were), no scheduler step and no logit-scale clamp. Exact: the run equals one that never saw
+  that batch.
+- device path (CUDA with a fused optimizer, e.g. AdamW(fused=True)): the flag is handed to the
+  optimizer as `found_inf`, the tensor GradScaler uses, and the fused kernel skips the update (and
+  takes back its step count) on the device. The host never waits; it reads the counters only every
+  `trainer.log_every_n_steps` steps, so the stop comes at that interval. Trade-off: the scheduler
+  cannot know, so it still steps and the LR schedule runs on by one step per skipped step.
+Either way Lightning's global_step counts the skipped batch as a step, so max_steps and periodic
+checkpoints stay in batches. Under 16-mixed the GradScaler already skips steps with Inf/NaN
+gradients (and overflow is routine for it), so the guard then checks only the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from clipscale.cli import UserError
+from clipscale.config import ConfigError
+
+
+class NonFiniteError(UserError):
+    """Too many non-finite steps in a row: the run has diverged; printed as one line."""
+
+
+def nonfinite_flag(loss: torch.Tensor, gradients: list[torch.Tensor]) -> torch.Tensor:
+    """1.0 on every rank if the loss or any gradient is NaN/Inf on some rank, else 0.0 (a device
+    tensor: nothing waits for it). One all-reduce of one number."""
+    total = loss.detach().float().reshape(())
+    if gradients:
+        # NaN or Inf in any element makes the total norm non-finite, as does NaN + a finite loss.
+        total = total + torch.nn.utils.get_total_norm(gradients).to(total.device)
+    flag = (~torch.isfinite(total)).float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag
+
+
+def supports_device_skip(optimizer) -> bool:
+    """True for optimizers whose step honours `found_inf` (torch's fused Adam/AdamW/SGD)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+class NonFiniteGuard:
+    """Skips non-finite steps (see module docstring), counts them, stops after too many in a row."""
+
+    def __init__(self, max_consecutive_nonfinite: int = 10):
+        if not isinstance(max_consecutive_nonfinite, int) or max_consecutive_nonfinite < 1:
+            raise ConfigError(
+                f"guard.max_consecutive_nonfinite={max_consecutive_nonfinite} must be an integer "
+                ">= 1 (non-finite steps in a row before the run stops); the default is 10"
+            )
+        self.max_consecutive = max_consecutive_nonfinite
+        # Python numbers on the host path; device tensors once the device path is in use.
+        self.skipped_steps: int | torch.Tensor = 0
+        self.consecutive: int | torch.Tensor = 0
+        self.last_finite_loss: float | torch.Tensor = float("nan")
+
+    def step(
+        self,
+        loss: torch.Tensor,
+        optimizer,
+        scheduler,
+        step: int,
+        *,
+        on_device: bool = False,
+        loss_only: bool = False,
+        check_every: int = 1,
+    ) -> bool:
+        """optimizer.step() and scheduler.step() unless this step is non-finite on some rank.
+
+        `optimizer` is a torch optimizer or Lightning's wrapper of one; `step` the 0-based index of
+        this update (Lightning's global_step). Returns False when the host knows the step was
+        skipped (the caller then leaves the logit scale alone); the device path returns True.
+        """
+        inner = getattr(optimizer, "optimizer", optimizer)
+        gradients = [] if loss_only else _gradients(inner)
+        flag = nonfinite_flag(loss, gradients)
+        if on_device and supports_device_skip(inner):
+            self._device_step(flag, loss, optimizer, inner, scheduler, step, check_every)
+            return True
+        if not bool(flag):  # host path: the one wait for the device
+            self.consecutive = 0
+            self.last_finite_loss = float(loss)
+            optimizer.step()
+            scheduler.step()
+            return True
+        self.skipped_steps += 1
+        self.consecutive += 1
+        self._stop_if_diverged(step)
+        if not loss_only:
+            # No gradient, no update: AdamW skips parameters without .grad (moments, step count and
+            # weight decay untouched). optimizer.step() still runs so Lightning counts the step.
+            inner.zero_grad(set_to_none=True)
+        # With loss_only (16-mixed) the gradients are non-finite too and GradScaler skips the step.
+        optimizer.step()
+        return False
+
+    def _device_step(self, flag, loss, optimizer, inner, scheduler, step, check_every) -> None:
+        """The fused kernel skips the update when found_inf is 1; counters stay on the device."""
+        if not isinstance(self.skipped_steps, torch.Tensor):
+            self.skipped_steps = torch.tensor(float(self.skipped_steps), device=flag.device)
+            self.consecutive = torch.tensor(float(self.consecutive), device=flag.device)
+            self.last_finite_loss = torch.tensor(float(self.last_finite_loss), device=flag.device)
+        self.skipped_steps = self.skipped_steps + flag
+        self.consecutive = (self.consecutive + flag) * flag  # resets to 0 on a finite step
+        finite_loss = loss.detach().float().reshape(())
+        self.last_finite_loss = torch.where(flag > 0, self.last_finite_loss, finite_loss)
+        # GradScaler (16-mixed) sets its own found_inf for this call; do not fight it.
+        if getattr(inner, "found_inf", None) is None:
+            inner.found_inf = flag
+            try:
+                optimizer.step()
+            finally:
+                del inner.found_inf
+        else:
+            optimizer.step()
+        scheduler.step()
+        if (step + 1) % check_every == 0:
+            self._stop_if_diverged(step)
+
+    def _stop_if_diverged(self, step: int) -> None:
+        consecutive = int(self.consecutive)
+        if consecutive >= self.max_consecutive:
+            raise NonFiniteError(
+                f"{consecutive} non-finite steps in a row (loss or gradients NaN/Inf), the last at "
+                f"step {step}; last finite loss {float(self.last_finite_loss):.6g}. Training "
+                "stopped (guard.max_consecutive_nonfinite="
+                f"{self.max_consecutive}); the checkpoints written so far hold finite weights: "
+                "resume from one with a lower optim.optimizer.lr or more optim.warmup_steps"
+            )
+
+
+def _gradients(optimizer) -> list[torch.Tensor]:
+    return [
+        p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+    ]
+
+
+def guard_options(trainer) -> dict:
+    """NonFiniteGuard.step's keyword arguments for this Lightning trainer: the device path on CUDA,
+    the loss alone under a GradScaler (16-mixed), the stop check at the logging interval."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return {
+        "on_device": trainer.strategy.root_device.type == "cuda",
+        "loss_only": scaler is not None,
+        "check_every": max(1, int(trainer.log_every_n_steps or 1)),
+    }
