@@ -101,19 +101,25 @@ def gather_rank_states(state: dict) -> list[dict]:
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader that tells its ShardStream the epoch and start position of each pass."""
+    """A DataLoader that tells its ShardStream the epoch and start position of each pass.
+
+    With a `decoder` (decode.DeviceDecoder), every batch of shipped bytes is decoded on the
+    device as the loader yields it.
+    """
 
     def __init__(
         self,
         dataset,
         current_epoch: Callable[[], int] | None,
         position: StreamPosition | None = None,
+        decoder: Callable[[dict], dict] | None = None,
         **kwargs,
     ):
         # Batches are made in the workers, so the loader itself must not batch again.
         super().__init__(dataset, batch_size=None, **kwargs)
         self.current_epoch = current_epoch
         self.position = position
+        self.decoder = decoder  # data.decode=device: shipped bytes -> pixels on the device
         self.passes = 0
 
     def __iter__(self):
@@ -123,7 +129,12 @@ class EpochLoader(DataLoader):
         workers = max(1, self.num_workers)
         done, cursors, salt = self.position.start(epoch) if self.position else (0, [0] * workers, 0)
         self.dataset.start(epoch, done, cursors, salt)
-        return super().__iter__()
+        batches = super().__iter__()
+        if self.decoder is None:
+            return batches
+        # Decoded here, in the process that owns the device, so that training and the
+        # validation code (which iterates val_dataloader() itself) receive pixels alike.
+        return map(self.decoder, batches)
 
     def state_dict(self) -> dict:
         """Nothing: every rank's position is saved by WebDataModule.state_dict (gathered there).

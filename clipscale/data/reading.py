@@ -31,6 +31,7 @@ SKIP_KINDS = (
     "missing_caption",  # a sample without a txt member, or with an empty caption
     "corrupt_image",  # image bytes that PIL cannot decode (truncated, not an image at all)
     "corrupt_caption",  # caption bytes that are not UTF-8
+    "corrupt_foils",  # data.hard_negatives: a foils.json that is not a JSON list of strings
 )
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXT = "txt"

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from clipscale.data.pipeline import batched, decoded, with_trailing_skips
+from clipscale.data.decode import random_crop_of
+from clipscale.data.pipeline import batched, decoded, encoded, with_trailing_skips
 from clipscale.data.reading import SkipCounter, read_segments, shuffled
 from clipscale.data.sources import (
     cumulative,
@@ -33,7 +34,8 @@ class ShardStream(IterableDataset):
     `rank`/`world_size` are explicit so one process can build every rank's view (tests); the
     WebDataModule passes Lightning's. `num_workers` must be the loader's: the plan gives worker
     w the batches k with k mod W = w, the order in which the DataLoader collects them.
-    One pass (`resampled=False`) needs per-shard sample counts (`shard_sizes`, else sizes.json
+    `decode="device"` ships encoded bytes for decode.DeviceDecoder; `max_foils` reads each
+    sample's foils.json into `foil_texts`/`foil_mask`. One pass (`resampled=False`) needs per-shard sample counts (`shard_sizes`, else sizes.json
     beside the shards); without them only evaluation streams run, dealing whole shards out.
     """
 
@@ -54,8 +56,12 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         num_workers: int = 0,
         shard_sizes: list[int] | None = None,
+        decode: str = "worker",
+        max_foils: int | None = None,
     ) -> None:
         super().__init__()
+        if decode not in ("worker", "device"):
+            raise ValueError(f"ShardStream decode={decode!r}: expected worker or device")
         if not urls:
             raise ValueError("ShardStream needs at least one shard url")
         self.urls = urls
@@ -69,6 +75,9 @@ class ShardStream(IterableDataset):
         if resampled and samples_per_epoch is None:
             raise ValueError("resampled shards need samples_per_epoch (the epoch never runs dry)")
         self.transform, self.tokenizer = transform, tokenizer
+        # decode=device: ship bytes (+ the crop box RandomResizedCrop would draw) instead of pixels
+        self.decode, self.crop = decode, random_crop_of(transform) if training else None
+        self.max_foils = max_foils  # foils.json captions per sample (hard negatives), or None
         self.batch_size, self.training, self.resampled = batch_size, training, resampled
         self.cum_weights = cumulative(shard_weights)
         self.samples_per_epoch, self.shuffle_buffer = samples_per_epoch, shuffle_buffer
@@ -149,7 +158,11 @@ class ShardStream(IterableDataset):
             # Fast-forward on raw bytes (no decoding): the skips met were counted before.
             next(itertools.islice(indexed, cursor - 1, None), None)
             counter.take()
-        items = decoded(indexed, counter, self.transform, tag)
+        with_foils = bool(self.max_foils)
+        if self.decode == "device":
+            items = encoded(indexed, counter, self.crop, tag, with_foils)
+        else:
+            items = decoded(indexed, counter, self.transform, tag, with_foils)
         position = (epoch, worker, cursor) if self.training else None
         stream = batched(
             items,
@@ -159,6 +172,8 @@ class ShardStream(IterableDataset):
             batches=mine,
             drop_last=self.training,
             position=position,
+            encoded=self.decode == "device",
+            max_foils=self.max_foils,
         )
         return with_trailing_skips(stream, counter)
 

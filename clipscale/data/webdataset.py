@@ -5,10 +5,12 @@ Stages, each in its own module, run inside every loader worker:
     sources.py   shard urls: resampled with weights, or one pass split over ranks × workers
     reading.py   tar members grouped into samples of raw bytes (bad shards/members counted)
                  -> shuffle buffer of raw bytes (training only)
-    pipeline.py  decode + augment the image, check the caption (bad samples counted)
+    pipeline.py  check the caption (and foils.json), decode + augment the image, or with
+                 data.decode=device read its header and draw its crop box (bad samples counted)
                  -> batch + tokenise (counts since the previous batch attached)
+    decode.py    data.decode=device: the batch's bytes decoded, cropped, resized on the device
     stream.py    ShardStream: one rank's pass through those stages
-    loader.py    the loader that starts each pass at a position, and that position
+    loader.py    the loader that starts each pass at a position (and decodes on the device)
 
 Every batch carries `"skipped": {kind: LongTensor[]}` with all of `SKIP_KINDS`, so the sums taken
 by the LightningModule have the same keys on every rank.
@@ -23,11 +25,13 @@ import lightning as L
 import torch
 
 from clipscale import distributed
+from clipscale.data.decode import DECODE_MODES, DeviceDecoder, keep_samples
 from clipscale.data.loader import EpochLoader, StreamPosition, gather_rank_states
 from clipscale.data.reading import SKIP_KINDS
 from clipscale.data.shards import expand_shards, read_sizes, shard_urls
 from clipscale.data.sources import shard_sizes as read_shard_sizes
 from clipscale.data.stream import ShardStream
+from clipscale.data.synthetic import check_hard_negatives
 from clipscale.models import build_tokenizer, build_transforms
 
 __all__ = ["SKIP_KINDS", "EpochLoader", "ShardStream", "WebDataModule"]
@@ -82,6 +86,9 @@ class WebDataModule(L.LightningDataModule):
         prefetch_factor: int = 2,
         uint8_images: bool = True,
         resume: str = "exact",
+        decode: str = "auto",
+        hard_negatives: list[str] | None = None,
+        max_hard_negatives: int = 3,
     ) -> None:
         super().__init__()
         for key, value, least in [
@@ -101,6 +108,14 @@ class WebDataModule(L.LightningDataModule):
             )
         if resume not in ("exact", "approximate"):
             raise ValueError(f"data.resume={resume!r}: expected exact or approximate")
+        if decode not in DECODE_MODES:
+            raise ValueError(
+                f"data.decode={decode!r}: expected one of {', '.join(DECODE_MODES)} (auto: on "
+                "the training device with CUDA, else in the loader workers)"
+            )
+        # Shards carry no foil types: any listed type turns reading foils.json on.
+        foils = check_hard_negatives(hard_negatives, max_hard_negatives, objects=2)
+        self.max_foils = max_hard_negatives if foils else None
         self.train_patterns = (
             None if train_shards is None else _patterns(train_shards, "data.train_shards")
         )
@@ -124,7 +139,7 @@ class WebDataModule(L.LightningDataModule):
             batch_size,
             num_workers,
         )
-        self.model_name, self.seed, self.resume = model_name, seed, resume
+        self.model_name, self.seed, self.resume, self.decode = model_name, seed, resume, decode
         self.uint8_images = uint8_images
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.prefetch_factor = prefetch_factor
@@ -160,6 +175,18 @@ class WebDataModule(L.LightningDataModule):
             "prefetch_factor": self.prefetch_factor if workers > 0 else None,
         }
 
+    def _device(self) -> torch.device:
+        """Where batches are decoded with decode=device: the trainer's device, else the CPU."""
+        if self.trainer is None:
+            return torch.device("cpu")
+        return self.trainer.strategy.root_device
+
+    def decode_mode(self) -> str:
+        """`worker` or `device`; `auto` decodes on the device when it is a CUDA device."""
+        if self.decode != "auto":
+            return self.decode
+        return "device" if self._device().type == "cuda" else "worker"
+
     def setup(self, stage: str | None = None) -> None:
         """Expand the shard lists and build this rank's streams (after the process group exists)."""
         rank, world_size = _rank_and_world_size(self.trainer)
@@ -169,6 +196,7 @@ class WebDataModule(L.LightningDataModule):
             "seed": self.seed,
             "rank": rank,
             "world_size": world_size,
+            "decode": self.decode_mode(),
         }
         if stage in (None, "fit") and self.train_stream is None:
             self._setup_train(common, rank, world_size)
@@ -210,6 +238,7 @@ class WebDataModule(L.LightningDataModule):
             samples_per_epoch=samples,
             shuffle_buffer=self.shuffle_buffer,
             num_workers=workers,
+            max_foils=self.max_foils,
             **common,
         )
         batches = self.train_stream.batches_per_epoch()
@@ -230,7 +259,10 @@ class WebDataModule(L.LightningDataModule):
         self.position = StreamPosition(rank, max(1, workers), layout, self.resume)
         if self.loaded_state is not None:
             self.position.load_state_dict(self.loaded_state)
-        self.trim_ranks = not self.resampled and world_size > 1
+        # Batches come short on some rank when one pass ends its range past skipped samples, and
+        # with decode=device when an image fails only on the device: every rank then trims to
+        # the shortest, so the gathered contrastive batch keeps equal shapes over ranks.
+        self.trim_ranks = (not self.resampled or self.decode_mode() == "device") and world_size > 1
         left_out = samples - batches * self.batch_size * world_size
         log.info(
             "train: %d shards, %d samples per epoch, rank %d of %d: %d batches of %d per epoch%s",
@@ -250,14 +282,26 @@ class WebDataModule(L.LightningDataModule):
         """Resampled (or one-pass) training batches for this rank, starting at its position."""
         current_epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
         options = self._loader_options(self.train_stream.workers if self.num_workers else 0)
-        return EpochLoader(self.train_stream, current_epoch, self.position, **options)
+        return EpochLoader(
+            self.train_stream,
+            current_epoch,
+            self.position,
+            decoder=self._decoder(self.train_stream),
+            **options,
+        )
+
+    def _decoder(self, stream: ShardStream) -> DeviceDecoder | None:
+        """The device decoder for a stream that ships bytes (decode=device), else None."""
+        return (
+            DeviceDecoder(stream.transform, self._device()) if stream.decode == "device" else None
+        )
 
     def val_dataloader(self) -> EpochLoader | list:
         """Each validation sample exactly once across ranks and workers; [] without val_shards."""
         if self.val_stream is None:
             return []
         options = self._loader_options(self.val_stream.workers if self.num_workers else 0)
-        return EpochLoader(self.val_stream, None, **options)
+        return EpochLoader(self.val_stream, None, decoder=self._decoder(self.val_stream), **options)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Count the batch's skips and note the stream position (on the CPU: no device sync)."""
@@ -314,7 +358,4 @@ def trim_to_shortest(batch: dict) -> dict:
     size = torch.tensor(len(batch["keys"]), device=batch["images"].device)
     torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MIN)
     keep = int(size)
-    if keep == len(batch["keys"]):
-        return batch
-    trimmed = {k: v[:keep] for k, v in batch.items() if k in ("images", "texts", "keys")}
-    return {**batch, **trimmed}
+    return batch if keep == len(batch["keys"]) else keep_samples(batch, keep)

@@ -1,0 +1,214 @@
+"""`data.decode=device`: decode shipped image bytes on the training device, crop, resize.
+
+Why: decoding JPEGs with PIL in the loader workers costs about 2 CPU ms per sample, so a node of
+fast GPUs would need ~90 cores for it. With `data.decode=device` the workers only read the tar
+members, read each image's header (its size, without decoding) and draw the sample's crop box
+from the sample's own seeded RNG (pipeline.py); this module decodes the whole batch where the
+model runs:
+
+- CUDA: one `torchvision.io.decode_jpeg(list, device="cuda")` call (nvjpeg) for the JPEGs;
+- CPU: the same call on CPU tensors (libjpeg-turbo), so the path is tested without a GPU.
+
+Whatever that batch call cannot decode (PNG, WebP, and the JPEGs nvjpeg refuses: CMYK, some
+progressive files) is decoded on the CPU one image at a time and counted as
+`cpu_decoded_samples` (logged as `train/cpu_decoded_samples`). Bytes no decoder accepts (a
+truncated body, say) are dropped from the batch and counted as `skipped.corrupt_image`, as the
+worker path counts them.
+
+The crop box is the one open_clip's RandomResizedCrop would draw in the worker for the same seed
+(`draw_crop`), so both modes crop the same region; only the decoder's and the resampler's
+rounding differ (PIL's bicubic resize against torch's antialiased bicubic):
+`MEAN_ABS_TOLERANCE` bounds that difference in the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms import (
+    CenterCrop,
+    InterpolationMode,
+    Normalize,
+    RandomResizedCrop,
+    Resize,
+)
+from torchvision.transforms.v2 import functional as F
+
+from clipscale.models import normalize_images
+
+DECODE_MODES = ("auto", "worker", "device")
+# Device output against worker output for the same box, in 0-255 levels. The decoders agree
+# exactly here (PIL and torchvision both use libjpeg-turbo, libpng, libwebp: tested); the
+# resamplers do not: PIL's bicubic runs in fixed point with its own rounding, torch's antialiased
+# bicubic in float. Measured on smooth test images: mean 0.005, max 2 levels. A box moved by one
+# pixel already differs by a mean of ~2 levels, so these bounds do tell boxes apart.
+MEAN_ABS_TOLERANCE = 0.25
+MAX_ABS_TOLERANCE = 2
+JPEG_MAGIC = b"\xff\xd8"
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image header alone; ValueError if it is no image PIL can open.
+
+    PIL's `open` reads only the header, so this costs microseconds, not a decode.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
+        raise ValueError(f"no image header PIL can read ({error})") from error
+
+
+def random_crop_of(transform) -> RandomResizedCrop | None:
+    """The RandomResizedCrop that open_clip's train transform starts with, else None."""
+    steps = getattr(transform, "transforms", [])
+    return steps[0] if steps and isinstance(steps[0], RandomResizedCrop) else None
+
+
+def _params(crop: RandomResizedCrop, shaped: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(int(v) for v in crop.get_params(shaped, crop.scale, crop.ratio))
+
+
+def draw_crop(crop: RandomResizedCrop, width: int, height: int, seed: int) -> tuple[int, ...]:
+    """(top, left, height, width): the box `crop` draws for a width×height image under `seed`.
+
+    The same call RandomResizedCrop makes first in the worker path (`seeded_call` seeds torch's
+    RNG with the sample's seed), given a tensor that has the image's shape but no pixels, so the
+    device path crops exactly the box the worker path would.
+    """
+    from clipscale.data.pipeline import seeded_call  # pipeline.py imports this module
+
+    shaped = torch.empty(1, 1, 1).expand(1, height, width)  # no memory: only the shape is read
+    return seeded_call(lambda image: _params(crop, image), shaped, seed)
+
+
+def _decode_all(encoded: Sequence[torch.Tensor], device: torch.device):
+    """([3, H, W] uint8 on `device`, or None where no decoder accepts the bytes), CPU-decoded count."""
+    images: list[torch.Tensor | None] = [None] * len(encoded)
+    jpegs = [i for i, data in enumerate(encoded) if bytes(data[:2].tolist()) == JPEG_MAGIC]
+    if jpegs:
+        try:
+            batch = decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+            for i, image in zip(jpegs, batch, strict=True):
+                images[i] = image
+        except RuntimeError:
+            # One bad file fails the whole call: decode them one by one to find it.
+            for i in jpegs:
+                with contextlib.suppress(RuntimeError):  # left None: tried below, then dropped
+                    images[i] = decode_jpeg(encoded[i], mode=ImageReadMode.RGB, device=device)
+    on_cpu = 0
+    for i, image in enumerate(images):
+        if image is not None:
+            continue
+        try:
+            decoded = decode_image(encoded[i], mode=ImageReadMode.RGB)
+        except RuntimeError:
+            continue  # corrupt for every decoder: the caller drops and counts it
+        images[i] = decoded.to(device, non_blocking=True)
+        on_cpu += 1
+    return images, on_cpu
+
+
+def _resized(
+    image: torch.Tensor, box: Sequence[int] | None, size: int, interpolation
+) -> torch.Tensor:
+    """The box resized to size×size (training), or shorter side to `size` + centre crop (eval)."""
+    if box is not None:
+        top, left, height, width = box
+        image = image[:, top : top + height, left : left + width]
+        return F.resize(image, [size, size], interpolation=interpolation, antialias=True)
+    image = F.resize(image, size, interpolation=interpolation, antialias=True)
+    return F.center_crop(image, [size, size])
+
+
+def decode_batch(
+    encoded: Sequence[torch.Tensor],
+    boxes: Sequence[Sequence[int]] | None,
+    size: int,
+    device: torch.device,
+    interpolation: InterpolationMode = InterpolationMode.BICUBIC,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(uint8 images [V, 3, size, size] on `device`, valid bool [B], CPU-decoded count).
+
+    `encoded`: B uint8 CPU tensors of file bytes; `boxes`: B (top, left, height, width) crop
+    boxes (training), or None for the eval transform (resize the shorter side, centre crop).
+    V = valid.sum(): samples whose bytes no decoder accepts are left out, in order.
+    """
+    images, on_cpu = _decode_all(encoded, torch.device(device))
+    valid = torch.tensor([image is not None for image in images], dtype=torch.bool)
+    out = [
+        _resized(image, None if boxes is None else boxes[i], size, interpolation)
+        for i, image in enumerate(images)
+        if image is not None
+    ]
+    if not out:
+        return torch.empty(0, 3, size, size, dtype=torch.uint8, device=device), valid, on_cpu
+    return torch.stack(out), valid, on_cpu
+
+
+class DeviceDecoder:
+    """Turns a batch of shipped bytes (pipeline.py `batched(encoded=True)`) into a pixel batch.
+
+    Training batches get uint8 images (CLIPModule normalises them, as for worker batches);
+    evaluation batches get float images normalised like open_clip's eval transform, since the
+    validation code feeds them to the model as they are.
+    """
+
+    def __init__(self, transform, device: torch.device) -> None:
+        crop = random_crop_of(transform)
+        steps = getattr(transform, "transforms", [])
+        resize = next((s for s in steps if isinstance(s, Resize | RandomResizedCrop)), None)
+        if resize is None or not (crop or any(isinstance(s, CenterCrop) for s in steps)):
+            raise ValueError(f"data.decode=device cannot reproduce the transform {transform}")
+        size = resize.size if isinstance(resize.size, int) else resize.size[0]
+        self.size, self.interpolation, self.device = size, resize.interpolation, device
+        normalize = next((s for s in steps if isinstance(s, Normalize)), None)
+        self.normalize = None if normalize is None else (normalize.mean, normalize.std)
+
+    def __call__(self, batch: dict) -> dict:
+        """Decode `batch["encoded"]`; drop the samples that fail (counted as corrupt_image)."""
+        if "encoded" not in batch:
+            return batch
+        batch = dict(batch)
+        lengths = batch.pop("encoded_lengths").tolist()
+        encoded = torch.split(batch.pop("encoded"), lengths)
+        crops = batch.pop("crops", None)
+        boxes = None if crops is None else crops.tolist()
+        images, valid, on_cpu = decode_batch(
+            encoded, boxes, self.size, self.device, self.interpolation
+        )
+        if self.normalize is not None:
+            images = normalize_images(images, *self.normalize)
+        failed = len(lengths) - int(valid.sum())
+        if failed:
+            batch = keep_samples(batch, valid)
+            skipped = dict(batch["skipped"])
+            skipped["corrupt_image"] = skipped["corrupt_image"] + failed
+            batch["skipped"] = skipped
+        batch["images"] = images
+        batch["cpu_decoded_samples"] = torch.tensor(on_cpu)
+        return batch
+
+
+PER_SAMPLE = ("images", "texts", "keys", "foil_texts", "foil_mask")
+
+
+def keep_samples(batch: dict, keep: torch.Tensor | int) -> dict:
+    """The batch with only the samples `keep` selects: a bool mask [B], or the first `keep`."""
+    out = dict(batch)
+    for name in PER_SAMPLE:
+        if name not in batch:
+            continue
+        value = batch[name]
+        if isinstance(keep, int):
+            out[name] = value[:keep]
+        elif isinstance(value, list):
+            out[name] = [v for v, k in zip(value, keep.tolist(), strict=True) if k]
+        else:
+            out[name] = value[keep.to(value.device)]
+    return out

@@ -1,0 +1,233 @@
+"""data.decode=device on CPU: workers ship encoded bytes and crop boxes, the loader decodes.
+
+References: torchvision's own RandomResizedCrop under the worker path's per-sample seed (the
+boxes must be identical), and the worker path (PIL + open_clip's transform) on the same shards and
+seeds (same samples in the same order; pixels differ only by the resamplers' rounding).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from clipscale.data import decode
+from clipscale.data.pipeline import seeded_call
+from clipscale.data.webdataset import SKIP_KINDS, WebDataModule
+from clipscale.models import build_transforms
+from tests.distributed_utils import run_distributed
+from tests.test_data_webdataset import TINY, jpeg_bytes, write_tar
+
+
+def smooth_image(seed: int, width: int = 48, height: int = 40, fmt: str = "JPEG") -> bytes:
+    """A smooth colour gradient (like a photo's low frequencies), encoded at high quality.
+
+    Resamplers agree closely on smooth content; on random noise any two bicubic implementations
+    differ by tens of levels, which would test nothing about the crop.
+    """
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    channels = [
+        127 + 100 * np.sin(x / width * rng.uniform(1, 4) + y / height * rng.uniform(1, 4) + c)
+        for c in range(3)
+    ]
+    pixels = np.stack(channels, axis=-1).clip(0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def write_shards(folder: Path, shards: int = 2, per_shard: int = 6, fmt: str = "JPEG") -> str:
+    """Shards of smooth images of varied sizes + sizes.json; returns their brace pattern."""
+    ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
+    for s in range(shards):
+        members = []
+        for i in range(per_shard):
+            image = smooth_image(s * 100 + i, 40 + 4 * i, 36 + 2 * s, fmt)
+            members += [(f"s{s}k{i}.{ext}", image), (f"s{s}k{i}.txt", f"caption {s} {i}".encode())]
+        write_tar(folder / f"{s:04d}.tar", members)
+    sizes = {f"{s:04d}.tar": per_shard for s in range(shards)}
+    (folder / "sizes.json").write_text(json.dumps(sizes))
+    return str(folder / f"{{0000..{shards - 1:04d}}}.tar")
+
+
+def datamodule(pattern: str, mode: str, workers: int = 0, **options) -> WebDataModule:
+    settings = {
+        "train_shards": pattern,
+        "resampled": False,
+        "shuffle_buffer": 4,
+        "batch_size": 4,
+        "num_workers": workers,
+        "model_name": TINY,
+        "seed": 5,
+        "decode": mode,
+        "persistent_workers": False,
+        **options,
+    }
+    data = WebDataModule(**settings)
+    data.setup("fit")
+    return data
+
+
+def batches(data: WebDataModule) -> list[dict]:
+    """One epoch of batches as the trainer receives them (through the data module's hooks)."""
+    received = []
+    for batch in data.train_dataloader():
+        received.append(data.on_after_batch_transfer(data.on_before_batch_transfer(batch, 0), 0))
+    return received
+
+
+def test_the_box_is_the_one_random_resized_crop_draws_in_the_worker():
+    transform = build_transforms("ViT-B-32", is_train=True, as_uint8=True)
+    crop = decode.random_crop_of(transform)
+    rng = random.Random(0)
+    for _ in range(50):
+        width, height, seed = rng.randrange(20, 400), rng.randrange(20, 400), rng.getrandbits(63)
+        image = Image.new("RGB", (width, height))
+        reference = seeded_call(lambda im: crop.get_params(im, crop.scale, crop.ratio), image, seed)
+        assert decode.draw_crop(crop, width, height, seed) == tuple(reference)
+    # ... and it is the box the whole worker transform crops with (bit-identical output)
+    image = Image.open(io.BytesIO(smooth_image(3, 300, 200))).convert("RGB")
+    top, left, h, w = decode.draw_crop(crop, 300, 200, seed=1234)
+    expected = TF.pil_to_tensor(
+        TF.resized_crop(image, top, left, h, w, crop.size, crop.interpolation, antialias=True)
+    )
+    assert torch.equal(seeded_call(transform, image, 1234), expected)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_device_mode_gives_the_worker_modes_samples_and_crops(tmp_path, workers):
+    pattern = write_shards(tmp_path)
+    on_workers = batches(datamodule(pattern, "worker", workers))
+    on_device = batches(datamodule(pattern, "device", workers))
+    assert len(on_device) == len(on_workers) == 3
+    assert [b["keys"] for b in on_device] == [b["keys"] for b in on_workers]
+    for device_batch, worker_batch in zip(on_device, on_workers, strict=True):
+        assert device_batch["images"].dtype == worker_batch["images"].dtype == torch.uint8
+        assert device_batch["images"].shape == worker_batch["images"].shape == (4, 3, 32, 32)
+        assert torch.equal(device_batch["texts"], worker_batch["texts"])
+        difference = (device_batch["images"].float() - worker_batch["images"].float()).abs()
+        # Same box, same libjpeg-turbo decode: only PIL's and torch's bicubic rounding differ
+        # (decode.MEAN_ABS_TOLERANCE says why and how much).
+        assert difference.mean() <= decode.MEAN_ABS_TOLERANCE, difference.mean()
+        assert difference.max() <= decode.MAX_ABS_TOLERANCE, difference.max()
+        assert int(device_batch["cpu_decoded_samples"]) == 0  # JPEGs: the batch call took all
+
+
+def test_the_tolerance_tells_a_box_moved_by_one_pixel_apart():
+    data = [torch.frombuffer(bytearray(smooth_image(1, 60, 50)), dtype=torch.uint8)]
+    here, _, _ = decode.decode_batch(data, [(5, 5, 40, 40)], 32, torch.device("cpu"))
+    moved, _, _ = decode.decode_batch(data, [(5, 6, 40, 40)], 32, torch.device("cpu"))
+    assert (here.float() - moved.float()).abs().mean() > 4 * decode.MEAN_ABS_TOLERANCE
+
+
+def test_validation_decodes_on_the_device_like_the_eval_transform(tmp_path):
+    pattern = write_shards(tmp_path, shards=1)
+    worker = datamodule(pattern, "worker", val_shards=pattern)
+    device = datamodule(pattern, "device", val_shards=pattern)
+    for a, b in zip(worker.val_dataloader(), device.val_dataloader(), strict=True):
+        assert a["keys"] == b["keys"]
+        assert a["images"].dtype == b["images"].dtype == torch.float32  # normalised, as eval uses
+        # resize + centre crop; normalised values are pixel levels / (255 * std ~ 0.27)
+        levels = ((a["images"] - b["images"]).abs() * 255 * 0.27).mean()
+        assert levels <= decode.MEAN_ABS_TOLERANCE, levels
+
+
+def test_device_mode_skips_and_counts_planted_faults(tmp_path):
+    members = []
+    for i in range(5):
+        members += [(f"good{i}.jpg", smooth_image(i)), (f"good{i}.txt", b"fine")]
+    members += [
+        ("cut.jpg", smooth_image(7, 200, 200)[:-400]),  # header intact: fails only when decoded
+        ("cut.txt", b"a cut image"),
+        ("text.jpg", b"just some text pretending to be a jpeg"),  # no image header at all
+        ("text.txt", b"a lie"),
+        ("nocap.jpg", jpeg_bytes(8)),  # image without a caption
+    ]
+    write_tar(tmp_path / "0000.tar", members)
+    (tmp_path / "sizes.json").write_text('{"0000.tar": 8}')
+    data = datamodule(str(tmp_path / "0000.tar"), "device", batch_size=8, shuffle_buffer=0)
+    received = batches(data)
+    assert [k for b in received for k in b["keys"]] == [f"good{i}" for i in range(5)]
+    assert received[0]["images"].shape == (5, 3, 32, 32) and len(received[0]["texts"]) == 5
+    expected = dict.fromkeys(SKIP_KINDS, 0) | {"corrupt_image": 2, "missing_caption": 1}
+    assert data.skipped_summary() == expected
+    summed = {k: sum(int(b["skipped"][k]) for b in received) for k in SKIP_KINDS}
+    assert summed == expected  # what the module logs as train/skipped_samples
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_png_and_webp_go_through_the_counted_cpu_fallback(tmp_path, fmt):
+    pattern = write_shards(tmp_path, shards=1, per_shard=4, fmt=fmt)
+    on_device = batches(datamodule(pattern, "device"))
+    on_workers = batches(datamodule(pattern, "worker"))
+    assert [int(b["cpu_decoded_samples"]) for b in on_device] == [4]
+    difference = (on_device[0]["images"].float() - on_workers[0]["images"].float()).abs()
+    assert difference.mean() <= decode.MEAN_ABS_TOLERANCE
+    assert difference.max() <= decode.MAX_ABS_TOLERANCE
+
+
+def test_device_mode_is_deterministic(tmp_path):
+    pattern = write_shards(tmp_path)
+    first = batches(datamodule(pattern, "device", 2))
+    second = batches(datamodule(pattern, "device", 2))
+    assert len(first) == len(second) == 3
+    for a, b in zip(first, second, strict=True):
+        assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"])
+        assert torch.equal(a["texts"], b["texts"])
+
+
+def test_auto_decodes_in_the_workers_without_cuda(tmp_path):
+    data = datamodule(write_shards(tmp_path, shards=1), "auto")
+    assert data.decode_mode() == "worker"
+    with pytest.raises(ValueError, match=r"data.decode='gpu': expected one of auto, worker"):
+        WebDataModule(train_shards="a.tar", decode="gpu", model_name=TINY)
+
+
+def _device_steps(rank: int, world_size: int, pattern: str, result_folder: str) -> None:
+    data = WebDataModule(
+        train_shards=pattern,
+        resampled=True,
+        samples_per_epoch=24,
+        shuffle_buffer=0,
+        batch_size=4,
+        num_workers=0,
+        model_name=TINY,
+        decode="device",
+    )
+    data.setup("fit")  # no trainer: the rank comes from the gloo process group
+    sizes = []
+    for batch in data.train_dataloader():
+        batch = data.on_after_batch_transfer(data.on_before_batch_transfer(batch, 0), 0)
+        sizes.append([len(batch["images"]), len(batch["texts"]), len(batch["keys"])])
+    skipped = data.skipped_summary()["corrupt_image"]
+    Path(result_folder, f"rank{rank}.json").write_text(json.dumps([sizes, skipped]))
+
+
+@pytest.mark.timeout(240)
+def test_a_decode_failure_on_one_rank_trims_every_rank_alike(tmp_path):
+    good = []
+    for i in range(4):
+        good += [(f"g{i}.jpg", smooth_image(i)), (f"g{i}.txt", b"good")]
+    write_tar(tmp_path / "good.tar", good)
+    cut = [(f"c{i}.jpg", smooth_image(i, 200, 200)[:-400]) for i in range(4)]
+    write_tar(
+        tmp_path / "cut.tar", [m for i, c in enumerate(cut) for m in (c, (f"c{i}.txt", b"x"))]
+    )
+    # Each rank draws shards with its own RNG (seeded by rank): a batch read from cut.tar loses
+    # its images only when decoded (their headers are fine), on one rank and not the other.
+    run_distributed(_device_steps, 2, f"{tmp_path}/{{good,cut}}.tar", str(tmp_path))
+    (sizes0, skipped0), (sizes1, skipped1) = (
+        json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)
+    )
+    assert len(sizes0) == len(sizes1) == 3
+    assert sizes0 == sizes1  # the same batch size on both ranks at every step
+    assert all(images == texts == keys for images, texts, keys in sizes0)
+    assert skipped0 + skipped1 > 0 and any(images < 4 for images, _, _ in sizes0)
