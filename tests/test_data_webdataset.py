@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from clipscale.data.webdataset import SKIP_KINDS, EpochLoader, ShardStream, WebDataModule
+from clipscale.models import build_tokenizer
 from tests.distributed_utils import run_distributed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -311,3 +312,47 @@ def test_cli_trains_on_shards_from_the_writer_and_logs_the_skips(tmp_path):
         ]
     # faults.tar: caption-only, image-only, corrupt image; cut.tar: one truncated shard.
     assert max(logged) == 4
+
+
+@pytest.mark.parametrize("decode", ["worker", "device"])
+def test_foils_json_becomes_foil_texts_and_mask(tmp_path, decode):
+    foils = {
+        "many": json.dumps(["a blue one", "a green one", "a third one"]).encode(),  # 3 > F = 2
+        "one": json.dumps(["a lone foil"]).encode(),
+        "broken": b"[not json",  # malformed: skipped, counted
+        "dict": json.dumps({"foils": ["x"]}).encode(),  # not a list: skipped, counted
+    }
+    members = []
+    for key in ["many", "one", "none", "broken", "dict"]:
+        members += [(f"{key}.jpg", jpeg_bytes(len(key), size=40)), (f"{key}.txt", key.encode())]
+        if key in foils:
+            members.append((f"{key}.foils.json", foils[key]))
+    write_tar(tmp_path / "0000.tar", members)
+    (tmp_path / "sizes.json").write_text('{"0000.tar": 5}')
+    options = {
+        "train_shards": str(tmp_path / "0000.tar"),
+        "resampled": False,
+        "shuffle_buffer": 0,
+        "batch_size": 5,
+        "num_workers": 0,
+        "model_name": TINY,
+        "decode": decode,
+    }
+    data = WebDataModule(**options, hard_negatives=["attribute_swap"], max_hard_negatives=2)
+    data.setup("fit")
+    [batch] = list(data.train_dataloader())
+    data.on_before_batch_transfer(batch, 0)
+    assert batch["keys"] == ["many", "one", "none"]
+    tokenizer = build_tokenizer(TINY)
+    expected = tokenizer(["a blue one", "a green one", "a lone foil", "", "", ""])
+    assert batch["foil_texts"].shape == (3, 2, expected.shape[-1])
+    assert torch.equal(batch["foil_texts"], expected.view(3, 2, -1))
+    assert batch["foil_mask"].tolist() == [[True, True], [True, False], [False, False]]
+    assert data.skipped_summary()["corrupt_foils"] == 2
+    # Without data.hard_negatives the member is ignored: no foil fields, nothing skipped.
+    plain = WebDataModule(**options)
+    plain.setup("fit")
+    [batch] = list(plain.train_dataloader())
+    assert "foil_texts" not in batch and len(batch["keys"]) == 5
+    with pytest.raises(ValueError, match="data.hard_negatives: unknown foil type 'colour'"):
+        WebDataModule(**options, hard_negatives=["colour"])
