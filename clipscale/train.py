@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
+from clipscale.checkpoint_io import AtomicCheckpointIO
 from clipscale.cli import UserError, check_overrides, hydra_run_dir, known_errors, redacted
 from clipscale.config import validate_config
 from clipscale.module import CLIPModule
@@ -115,7 +116,10 @@ def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
     callbacks += [SeedPerRank(cfg.seed), EpochSizeCheck()]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())  # step k/max_steps, continued on resume
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # Every checkpoint file (periodic, last.ckpt, the requeue one) is written atomically.
+    return instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
 
 
 def log_run_facts(cfg: DictConfig, trainer: L.Trainer, module, output_dir: Path) -> dict:
