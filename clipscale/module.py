@@ -178,8 +178,25 @@ class CLIPModule(L.LightningModule):
             local = sum(int(count) for count in batch["skipped"].values())
             self._skipped_total += int(all_reduce_sum(torch.tensor(local, device=self.device)))
             metrics["train/skipped_samples"] = torch.tensor(float(self._skipped_total))
+        if "cpu_decoded_samples" in batch:  # data.decode=device (clipscale/data/decode.py)
+            metrics["train/cpu_decoded_samples"] = self._cpu_decoded(batch["cpu_decoded_samples"])
         self.log_dict(metrics, prog_bar=False, rank_zero_only=True)
         self.log("loss", loss, prog_bar=True, logger=False, rank_zero_only=True)
+
+    def _cpu_decoded(self, count: int) -> torch.Tensor:
+        """Images decoded by the CPU fallback over all ranks: summed once per logging interval.
+
+        The count is a host int, so adding it costs no device sync; the all-reduce runs only
+        every `log_every_n_steps` steps (the value logged in between is the last sum).
+        """
+        self._cpu_local = getattr(self, "_cpu_local", 0) + int(count)
+        self._cpu_steps = getattr(self, "_cpu_steps", 0) + 1
+        interval = getattr(self._trainer, "log_every_n_steps", 1) or 1
+        if self._cpu_steps % interval == 1 % interval:
+            local = torch.tensor(self._cpu_local, device=self.device)
+            self._cpu_total = getattr(self, "_cpu_total", 0) + int(all_reduce_sum(local))
+            self._cpu_local = 0
+        return torch.tensor(float(self._cpu_total))
 
     # --- optimisers -----------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -191,7 +191,7 @@ class DeviceDecoder:
             skipped["corrupt_image"] = skipped["corrupt_image"] + failed
             batch["skipped"] = skipped
         batch["images"] = images
-        batch["cpu_decoded_samples"] = torch.tensor(on_cpu)
+        batch["cpu_decoded_samples"] = on_cpu  # an int: moving the batch leaves it on the host
         return batch
 
 
