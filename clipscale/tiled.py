@@ -1,14 +1,24 @@
-"""Memory-bounded InfoNCE: cross-entropy over a B×N logit matrix computed in square tiles.
+"""Memory-bounded contrastive losses: InfoNCE and SigLIP over a B×N logit matrix in square tiles.
 
-The dense loss holds the [B, N] logits, their softmax and its gradient at once: 4 GiB each in
-float32 at B = N = 32,768. Here the forward streams over tiles of `chunk_size` rows × `chunk_size`
-columns, keeps a running log-sum-exp per row, and saves only the inputs and two [B] vectors (each
-row's max and log-sum). The backward recomputes each tile's softmax from them, so the largest
-temporary is one chunk_size × chunk_size tile whatever B and N are. The price is one extra tile matmul per tile
-in the backward (the recomputation), the same trade FlashAttention makes.
+The dense losses hold the [B, N] logits, their softmax (or sigmoid) and its gradient at once: 4 GiB
+each in float32 at B = N = 32,768. Here the forward streams over tiles of `chunk_size` rows ×
+`chunk_size` columns and saves only the inputs (and, for InfoNCE, two [B] vectors: each row's max
+and log-sum of exponentials). The backward recomputes each tile from them, so the largest
+temporary is one chunk_size × chunk_size tile whatever B and N are. The price is one extra tile
+matmul per tile in the backward (the recomputation), the same trade FlashAttention makes. SigLIP's
+sum has no normaliser, so its tiles are independent and nothing but the inputs is saved.
 
-Precision: matmuls run in the input dtype (so bf16 uses tensor cores on GPU); logits, the
-log-sum-exp and the gradient accumulators are float32 (float64 for float64 inputs).
+Precision. The tile matmuls run in the *compute dtype*: the input dtype, or, for float32 inputs
+under torch.autocast on the inputs' device type, the autocast dtype (bf16/fp16). The compute dtype
+is decided in forward and stored on ctx, because autograd runs backward outside the autocast
+region: without that, a bf16-mixed run computed every backward tile matmul in float32 (issue 9:
+~2.7× slower on an H200). Logits, log-sum-exp, sigmoids and every accumulator are float32 (float64
+for float64 inputs, so the float64 path stays exact). The scale multiplies the float32 product of
+the rounded features, and the positive logit is the float32 dot of the same rounded features, so
+the positive term cancels exactly against its place in the log-sum-exp. The logit gradient
+P − onehot is formed in float32 before it is cast for the matmul: once training has made P_ii ≈ 1,
+casting P first and subtracting the positive key afterwards would lose the small difference to
+bf16's 8 significant bits.
 """
 
 import torch
@@ -22,44 +32,112 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def compute_dtype(features: torch.Tensor) -> torch.dtype:
+    """Matmul dtype: the autocast dtype for float32 features under autocast, else their own."""
+    device_type = features.device.type
+    if features.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return features.dtype
+
+
 def _dot(first: torch.Tensor, second: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Σ first * second over all entries, in `dtype`, without a product-sized temporary."""
     return torch.dot(first.reshape(-1).to(dtype), second.reshape(-1).to(dtype))
 
 
-def _scaled(tile: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """scale * tile rounded once to the tile's dtype (rounding scale first would bias bf16)."""
-    return (tile.to(scale.dtype) * scale).to(tile.dtype)
+def _positive_dot(queries, keys, label_offset, compute, acc_dtype) -> torch.Tensor:
+    """Σ_i q_i·k_{i+offset} of the features rounded to the matmul dtype, summed in acc_dtype."""
+    positive_keys = keys[label_offset : label_offset + queries.shape[0]]  # [B, D]
+    return _dot(queries.to(compute), positive_keys.to(compute), acc_dtype)
 
 
-def _row_logsumexp(
-    queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, chunk_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row max and log Σ exp(logit - max) of scale * queries @ keys.T, tile by tile."""
-    acc_dtype = _accumulate_dtype(queries.dtype)
+def _tile_products(queries_c, keys_c, row_chunk: int, col_chunk: int):
+    """Yield (rows, cols, raw) for every tile: raw = q_rows·k_colsᵀ in the accumulate dtype.
+
+    queries_c/keys_c are already in the compute dtype, so each matmul runs at its speed
+    (tensor cores for bf16 on GPU); the product is widened before anything else touches it.
+    """
+    acc_dtype = _accumulate_dtype(queries_c.dtype)
+    for row_start in range(0, queries_c.shape[0], row_chunk):
+        rows = slice(row_start, row_start + row_chunk)
+        query_tile = queries_c[rows]  # [c, D]
+        for col_start in range(0, keys_c.shape[0], col_chunk):
+            cols = slice(col_start, col_start + col_chunk)
+            yield rows, cols, (query_tile @ keys_c[cols].T).to(acc_dtype)  # [c, c']
+
+
+def _row_logsumexp(queries_c, keys_c, scale, chunk_size):
+    """Per-row max and log Σ exp(logit − max) of scale · queries @ keys.T, tile by tile."""
+    acc_dtype = _accumulate_dtype(queries_c.dtype)
     # Kept apart rather than summed into one log-sum-exp: at logits of ~1e3 the sum's rounding
     # (ulp 6e-5 in float32) would shift every recomputed probability by as much.
-    row_max = torch.empty(queries.shape[0], dtype=acc_dtype, device=queries.device)  # [B]
-    row_log_sum = torch.empty_like(row_max)  # [B]
-    for row_start in range(0, queries.shape[0], chunk_size):
-        rows = slice(row_start, row_start + chunk_size)
-        scaled_query_tile = _scaled(queries[rows], scale)  # [c, D]
-        # Running maximum and sum of exp(logit - maximum) per row: the online softmax, exact
-        # and overflow-free because every exponent is ≤ 0.
-        running_max = torch.full(
-            (scaled_query_tile.shape[0],), -torch.inf, dtype=acc_dtype, device=queries.device
-        )
-        running_sum = torch.zeros_like(running_max)
-        for col_start in range(0, keys.shape[0], chunk_size):
-            key_tile = keys[col_start : col_start + chunk_size]  # [c', D]
-            logits = (scaled_query_tile @ key_tile.T).to(acc_dtype)  # [c, c']
-            new_max = torch.maximum(running_max, logits.amax(dim=1))
-            running_sum.mul_(torch.exp(running_max - new_max))
-            running_sum.add_(logits.sub_(new_max[:, None]).exp_().sum(dim=1))
-            running_max = new_max
-        row_max[rows] = running_max
-        row_log_sum[rows] = running_sum.log()
-    return row_max, row_log_sum
+    row_max = torch.full((queries_c.shape[0],), -torch.inf, dtype=acc_dtype, device=scale.device)
+    row_sum = torch.zeros_like(row_max)
+    # The online softmax: a running max and sum of exp(logit − max) per row, exact and
+    # overflow-free because every exponent is ≤ 0.
+    for rows, _, logits in _tile_products(queries_c, keys_c, chunk_size, chunk_size):
+        logits.mul_(scale)
+        new_max = torch.maximum(row_max[rows], logits.amax(dim=1))
+        row_sum[rows] = row_sum[rows] * torch.exp(row_max[rows] - new_max) + logits.sub_(
+            new_max[:, None]
+        ).exp_().sum(dim=1)
+        row_max[rows] = new_max
+    return row_max, row_sum.log()
+
+
+def _subtract_positives(dlogits, rows: slice, cols: slice, label_offset) -> None:
+    """dlogits −= 1 at the tile's positives (global row i, column i + offset), in place.
+
+    They lie on one diagonal of the tile: local column − local row = rows.start + offset −
+    cols.start; torch.diagonal is empty when that diagonal misses the tile.
+    """
+    if label_offset is not None:
+        dlogits.diagonal(rows.start + label_offset - cols.start).sub_(1.0)
+
+
+def _tiled_backward(ctx, grad_output, logit_grad, sigmoid: bool):
+    """Shared backward: dQ, dK, d scale (and d bias) from per-tile logit gradients.
+
+    `logit_grad(rows, logits)` turns a float32 tile of logits into P (softmax or sigmoid) in place.
+    With G = P − onehot (both losses' ∂L/∂logit):
+    dQ = s·G @ K, dK = s·Gᵀ @ Q, d s = Σ G ⊙ (Q Kᵀ) = Σ_i q_i·(G @ K)_i, d b = Σ G.
+    """
+    queries, keys, logit_scale = ctx.saved_tensors[:3]
+    offset, chunk_size, compute = ctx.label_offset, ctx.chunk_size, ctx.compute_dtype
+    need_q, need_k, need_scale = ctx.needs_input_grad[:3]
+    need_bias = sigmoid and ctx.needs_input_grad[3]
+    acc_dtype = _accumulate_dtype(compute)
+    scale = logit_scale.detach().to(acc_dtype)
+    queries_c, keys_c = queries.to(compute), keys.to(compute)
+    need_row_sums = need_q or need_scale
+    zeros = dict(dtype=acc_dtype, device=queries.device)
+    grad_q = torch.zeros(queries.shape, **zeros) if need_row_sums else None  # [B, D]
+    grad_k = torch.zeros(keys.shape, **zeros) if need_k else None  # [N, D]
+    grad_bias = torch.zeros((), **zeros)
+    with torch.autocast(queries.device.type, enabled=False):  # dtypes are chosen explicitly
+        for rows, cols, logits in _tile_products(queries_c, keys_c, chunk_size, chunk_size):
+            dlogits = logit_grad(rows, logits.mul_(scale))  # P, float32
+            _subtract_positives(dlogits, rows, cols, offset)  # G = P − onehot, still float32
+            if need_bias:
+                grad_bias += dlogits.sum()
+            dlogits = dlogits.to(compute)  # cast only for the matmuls
+            if need_row_sums:
+                grad_q[rows] += dlogits @ keys_c[cols]  # [c, D]
+            if need_k:
+                grad_k[cols] += dlogits.T @ queries_c[rows]  # [c', D]
+
+    grad_out = grad_output.to(acc_dtype)
+    factor = scale * grad_out  # every feature gradient carries it
+    grad_q_out = grad_k_out = grad_scale_out = grad_bias_out = None
+    if need_scale:
+        grad_scale_out = (grad_out * _dot(queries_c, grad_q, acc_dtype)).to(logit_scale.dtype)
+    if need_q:
+        grad_q_out = grad_q.mul_(factor).to(queries.dtype)
+    if need_k:
+        grad_k_out = grad_k.mul_(factor).to(keys.dtype)
+    if need_bias:
+        grad_bias_out = (grad_out * grad_bias).to(ctx.bias_dtype)
+    return grad_q_out, grad_k_out, grad_scale_out, grad_bias_out
 
 
 class _TiledCrossEntropySum(torch.autograd.Function):
@@ -67,68 +145,67 @@ class _TiledCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, keys, logit_scale, label_offset, chunk_size):
-        acc_dtype = _accumulate_dtype(queries.dtype)
+        compute = compute_dtype(queries)
+        acc_dtype = _accumulate_dtype(compute)
         scale = logit_scale.detach().to(acc_dtype)
-        positive_keys = keys[label_offset : label_offset + queries.shape[0]]  # [B, D]
-        positive_dot = _dot(queries, positive_keys, acc_dtype)  # Σ_i q_i·k_{i+offset}
-        row_max, row_log_sum = _row_logsumexp(queries, keys, scale, chunk_size)  # [B], [B]
+        with torch.autocast(queries.device.type, enabled=False):
+            queries_c, keys_c = queries.to(compute), keys.to(compute)
+            positive_dot = _positive_dot(queries_c, keys_c, label_offset, compute, acc_dtype)
+            row_max, row_log_sum = _row_logsumexp(queries_c, keys_c, scale, chunk_size)
         ctx.save_for_backward(queries, keys, logit_scale, row_max, row_log_sum)
-        ctx.label_offset = label_offset
-        ctx.chunk_size = chunk_size
+        ctx.label_offset, ctx.chunk_size, ctx.compute_dtype = label_offset, chunk_size, compute
         # At least float32 even for bf16 inputs: the sum over B rows would lose digits in bf16.
         out_dtype = torch.promote_types(acc_dtype, logit_scale.dtype)
         return (row_max.sum() + row_log_sum.sum() - scale * positive_dot).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        queries, keys, logit_scale, row_max, row_log_sum = ctx.saved_tensors
-        offset, chunk_size = ctx.label_offset, ctx.chunk_size
-        need_q, need_k, need_scale = ctx.needs_input_grad[:3]
-        acc_dtype = row_max.dtype
+        row_max, row_log_sum = ctx.saved_tensors[3:]
+
+        def softmax(rows, logits):
+            return logits.sub_(row_max[rows, None]).sub_(row_log_sum[rows, None]).exp_()
+
+        grad_q, grad_k, grad_scale, _ = _tiled_backward(ctx, grad_output, softmax, sigmoid=False)
+        return grad_q, grad_k, grad_scale, None, None
+
+
+class _TiledSigmoidSum(torch.autograd.Function):
+    """−Σ_ij logsigmoid(z_ij·(s·q_i·k_j + b)), z_ij = +1 only at j = i + label_offset."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, logit_scale, logit_bias, label_offset, chunk_size):
+        compute = compute_dtype(queries)
+        acc_dtype = _accumulate_dtype(compute)
         scale = logit_scale.detach().to(acc_dtype)
-        positives = slice(offset, offset + queries.shape[0])
+        bias = logit_bias.detach().to(acc_dtype)
+        total = torch.zeros((), dtype=acc_dtype, device=queries.device)
+        with torch.autocast(queries.device.type, enabled=False):
+            queries_c, keys_c = queries.to(compute), keys.to(compute)
+            for rows, cols, logits in _tile_products(queries_c, keys_c, chunk_size, chunk_size):
+                logits.mul_(scale).add_(bias)
+                # −logsigmoid(−x) = softplus(x) for every pair; the positives get
+                # −logsigmoid(x) = softplus(x) − x instead, so x is subtracted there.
+                total += torch.nn.functional.softplus(logits).sum()
+                if label_offset is not None:
+                    total -= logits.diagonal(rows.start + label_offset - cols.start).sum()
+        ctx.save_for_backward(queries, keys, logit_scale, logit_bias)
+        ctx.label_offset, ctx.chunk_size, ctx.compute_dtype = label_offset, chunk_size, compute
+        ctx.bias_dtype = logit_bias.dtype
+        out_dtype = torch.promote_types(acc_dtype, logit_scale.dtype)
+        return total.to(out_dtype)
 
-        # With P the row softmax and logit_ij = scale * q_i·k_j:
-        #   d/dq_i = scale * (Σ_j P_ij k_j - k_{i+offset}),
-        #   d/dk_j = scale * (Σ_i P_ij q_i - q_{j-offset}),
-        #   d/dscale = Σ_i q_i · (Σ_j P_ij k_j - k_{i+offset}) = Σ_i q_i · (d/dq_i) / scale.
-        # Only the softmax sums need the tiles; grad_q's sums also serve d/dscale.
-        need_row_sums = need_q or need_scale
-        zeros = dict(dtype=acc_dtype, device=queries.device)
-        grad_q = torch.zeros(queries.shape, **zeros) if need_row_sums else None  # [B, D]
-        grad_k = torch.zeros(keys.shape, **zeros) if need_k else None  # [N, D]
-        for row_start in range(0, queries.shape[0], chunk_size):
-            rows = slice(row_start, row_start + chunk_size)
-            query_tile = queries[rows]  # [c, D]
-            scaled_query_tile = _scaled(query_tile, scale)
-            for col_start in range(0, keys.shape[0], chunk_size):
-                cols = slice(col_start, col_start + chunk_size)
-                logits = (scaled_query_tile @ keys[cols].T).to(acc_dtype)  # [c, c']
-                probs = logits.sub_(row_max[rows, None]).sub_(row_log_sum[rows, None]).exp_()
-                # Back to the input dtype so the two gradient matmuls run at its speed.
-                probs = probs.to(queries.dtype)
-                if need_row_sums:
-                    grad_q[rows] += probs @ keys[cols]  # [c, D]
-                if need_k:
-                    grad_k[cols] += probs.T @ query_tile  # [c', D]
+    @staticmethod
+    def backward(ctx, grad_output):
+        bias = ctx.saved_tensors[3].detach().to(_accumulate_dtype(ctx.compute_dtype))
 
-        # Every gradient entry carries the factor scale * grad_output; applied in place.
-        factor = scale * grad_output.to(acc_dtype)
-        grad_q_out = grad_k_out = grad_scale_out = None
-        if need_row_sums:
-            grad_q.sub_(keys[positives])
-        if need_scale:
-            grad_scale = grad_output.to(acc_dtype) * _dot(queries, grad_q, acc_dtype)
-            grad_scale_out = grad_scale.to(logit_scale.dtype)
-        if need_q:
-            grad_q_out = grad_q.mul_(factor).to(queries.dtype)
-        if need_k:
-            grad_k[positives] -= queries
-            grad_k_out = grad_k.mul_(factor).to(keys.dtype)
-        return grad_q_out, grad_k_out, grad_scale_out, None, None
+        def sigmoid(rows, logits):
+            return logits.add_(bias).sigmoid_()
+
+        grads = _tiled_backward(ctx, grad_output, sigmoid, sigmoid=True)
+        return *grads, None, None
 
 
-def _check_inputs(queries, keys, logit_scale, label_offset, chunk_size) -> None:
+def _check_inputs(queries, keys, logit_scale, label_offset, chunk_size, allow_no_positives=False):
     """Raise ValueError naming the bad argument and the fix."""
     if queries.dim() != 2 or keys.dim() != 2 or queries.shape[1] != keys.shape[1]:
         raise ValueError(
@@ -150,15 +227,21 @@ def _check_inputs(queries, keys, logit_scale, label_offset, chunk_size) -> None:
             f"logit_scale must be a 0-dim float tensor (the exponentiated scale), got shape "
             f"{tuple(logit_scale.shape)} dtype {logit_scale.dtype}"
         )
-    num_rows, num_keys = queries.shape[0], keys.shape[0]
-    if not 0 <= label_offset <= num_keys - num_rows:
-        raise ValueError(
-            f"label_offset={label_offset} puts row positives outside the {num_keys} keys for "
-            f"{num_rows} queries; it must lie in [0, {num_keys - num_rows}] (the rank's first "
-            f"global index)"
-        )
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if label_offset is None and allow_no_positives:
+        return
+    num_rows, num_keys = queries.shape[0], keys.shape[0]
+    if (
+        not isinstance(label_offset, int)
+        or isinstance(label_offset, bool)
+        or not 0 <= label_offset <= num_keys - num_rows
+    ):
+        raise ValueError(
+            f"label_offset={label_offset!r} puts row positives outside the {num_keys} keys for "
+            f"{num_rows} queries; it must be an int in [0, {num_keys - num_rows}] (the rank's "
+            f"first global index)"
+        )
 
 
 def tiled_cross_entropy_sum(
@@ -171,3 +254,24 @@ def tiled_cross_entropy_sum(
     """Σ_i cross-entropy(logit_scale * q_i·K.T, target i + label_offset) in chunk² tiles."""
     _check_inputs(queries, keys, logit_scale, label_offset, chunk_size)
     return _TiledCrossEntropySum.apply(queries, keys, logit_scale, label_offset, chunk_size)
+
+
+def tiled_sigmoid_sum(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    label_offset: int | None = 0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """−Σ_ij logsigmoid(z_ij·(s·q_i·k_j + b)) in chunk² tiles; z = +1 only at j = i + offset.
+
+    label_offset=None makes every pair negative (hard-negative foil columns).
+    """
+    _check_inputs(queries, keys, logit_scale, label_offset, chunk_size, allow_no_positives=True)
+    if logit_bias.dim() != 0 or logit_bias.device != queries.device:
+        raise ValueError(
+            f"logit_bias must be a 0-dim tensor on {queries.device}, got shape "
+            f"{tuple(logit_bias.shape)} on {logit_bias.device}"
+        )
+    return _TiledSigmoidSum.apply(queries, keys, logit_scale, logit_bias, label_offset, chunk_size)
