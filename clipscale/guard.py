@@ -88,7 +88,7 @@ class NonFiniteGuard:
         gradients = [] if loss_only else _gradients(inner)
         flag = nonfinite_flag(loss, gradients)
         if on_device and supports_device_skip(inner):
-            self._device_step(flag, loss, optimizer, inner, scheduler, step, check_every)
+            self._device_step(flag, loss, optimizer, inner, scheduler, step, check_every, loss_only)
             return True
         if not bool(flag):  # host path: the one wait for the device
             self.consecutive = 0
@@ -107,7 +107,9 @@ class NonFiniteGuard:
         optimizer.step()
         return False
 
-    def _device_step(self, flag, loss, optimizer, inner, scheduler, step, check_every) -> None:
+    def _device_step(
+        self, flag, loss, optimizer, inner, scheduler, step, check_every, loss_only
+    ) -> None:
         """The fused kernel skips the update when found_inf is 1; counters stay on the device."""
         if not isinstance(self.skipped_steps, torch.Tensor):
             self.skipped_steps = torch.tensor(float(self.skipped_steps), device=flag.device)
@@ -117,8 +119,8 @@ class NonFiniteGuard:
         self.consecutive = (self.consecutive + flag) * flag  # resets to 0 on a finite step
         finite_loss = loss.detach().float().reshape(())
         self.last_finite_loss = torch.where(flag > 0, self.last_finite_loss, finite_loss)
-        # GradScaler (16-mixed) sets its own found_inf for this call; do not fight it.
-        if getattr(inner, "found_inf", None) is None:
+        # A GradScaler (16-mixed, loss_only) sets and deletes its own found_inf in its step.
+        if not loss_only:
             inner.found_inf = flag
             try:
                 optimizer.step()
