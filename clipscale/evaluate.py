@@ -32,6 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from clipscale.cli import UserError, hydra_run_dir, known_errors
+from clipscale.data.decode import DECODE_MODES, DeviceTransform
 from clipscale.data.probe import resolve_probe_dirs
 from clipscale.eval.compositional import evaluate_compositional, read_probe
 from clipscale.eval.datasets import read_dataset_info
@@ -60,6 +61,15 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def resolve_decode(decode: str, device: torch.device) -> str:
+    """`worker` or `device` (as data.decode): `auto` decodes on the device when it is CUDA."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODE_MODES)}")
+    if decode == "auto":
+        return "device" if device.type == "cuda" else "worker"
+    return decode
 
 
 def evaluate(cfg: DictConfig) -> dict[str, dict]:
@@ -91,6 +101,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     model, model_name = load_clip_from_checkpoint(cfg.checkpoint, cfg.model_name)
     model = model.to(device).eval()
     tokenizer, transform = build_tokenizer(model_name), build_transforms(model_name, False)
+    if resolve_decode(cfg.get("decode", "worker"), device) == "device":
+        transform = DeviceTransform(transform, device)  # the decoder of data.decode=device
     loader_kw = {"num_workers": cfg.num_workers, "max_samples": cfg.max_samples}
     results = {}
     for info in infos:

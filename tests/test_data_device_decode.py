@@ -231,3 +231,35 @@ def test_a_decode_failure_on_one_rank_trims_every_rank_alike(tmp_path):
     assert sizes0 == sizes1  # the same batch size on both ranks at every step
     assert all(images == texts == keys for images, texts, keys in sizes0)
     assert skipped0 + skipped1 > 0 and any(images < 4 for images, _, _ in sizes0)
+
+
+def test_evaluation_decodes_on_the_device_like_the_eval_transform(tmp_path):
+    from clipscale.eval.datasets import eval_loader, read_dataset_info
+    from clipscale.eval.zeroshot import evaluate_zeroshot
+    from clipscale.models import build_model, build_tokenizer
+    from tests.eval_fixtures import write_classification_dataset
+
+    info = read_dataset_info(write_classification_dataset(tmp_path / "shapes", 24, per_shard=10))
+    transform = build_transforms(TINY, is_train=False)
+    on_device = decode.DeviceTransform(transform, "cpu")
+
+    def gathered(loader):  # (indices, images, targets) of all batches, in dataset order
+        indices, images, targets = zip(*loader, strict=True)
+        order = torch.cat(indices).argsort()
+        return torch.cat(indices)[order], torch.cat(images)[order], [*sum(targets, [])]
+
+    i, a, _ = gathered(eval_loader(info.sources, transform, False, 8))
+    j, b, _ = gathered(eval_loader(info.sources, on_device, False, 8, num_workers=2))
+    assert torch.equal(i, j) and a.shape == b.shape == (24, 3, 32, 32) and b.dtype == a.dtype
+    levels = (a - b).abs() * 255 * 0.27  # normalised -> pixel levels (std ~ 0.27)
+    assert levels.mean() <= decode.MEAN_ABS_TOLERANCE, levels.mean()
+    torch.manual_seed(0)
+    model, tokenizer = build_model(TINY).eval(), build_tokenizer(TINY)
+    results = [
+        evaluate_zeroshot(model, tokenizer, t, info, 8, "cpu") for t in (transform, on_device)
+    ]
+    assert abs(results[0]["top1"] - results[1]["top1"]) <= 1 / 24
+    # a corrupt evaluation image is an error naming the batch, not a silent skip
+    bad = [torch.frombuffer(bytearray(b"not an image"), dtype=torch.uint8)]
+    with pytest.raises(ValueError, match="image 0 of the batch cannot be decoded"):
+        on_device.decode(bad, "somewhere")

@@ -212,3 +212,33 @@ def keep_samples(batch: dict, keep: torch.Tensor | int) -> dict:
         else:
             out[name] = value[keep.to(value.device)]
     return out
+
+
+class DeviceTransform:
+    """The eval transform, to be applied by decoding on `device` (evaluation with decode=device).
+
+    Evaluation readers (clipscale/eval/datasets.py) that see one ship each sample's encoded bytes
+    and decode the batch with `decode_eval_batch`; code that hands it a PIL image (the
+    compositional probe) gets the wrapped PIL transform, so the object stands in for it anywhere.
+    """
+
+    def __init__(self, transform, device: torch.device | str) -> None:
+        self.transform, self.device = transform, torch.device(device)
+        self.decoder = DeviceDecoder(transform, self.device)
+
+    def __call__(self, image):
+        return self.transform(image)
+
+    def decode(self, encoded: Sequence[torch.Tensor], where: str) -> torch.Tensor:
+        """Normalised float images [B, 3, S, S] on the device; ValueError naming a bad image.
+
+        An evaluation set is fixed: a sample that no decoder accepts is an error (as in the
+        worker path), not a skip that would change the metric's denominator.
+        """
+        images, valid, _ = decode_batch(
+            encoded, None, self.decoder.size, self.device, self.decoder.interpolation
+        )
+        if not bool(valid.all()):
+            bad = int((~valid).nonzero()[0])
+            raise ValueError(f"{where}: image {bad} of the batch cannot be decoded")
+        return normalize_images(images, *self.decoder.normalize)

@@ -26,6 +26,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from clipscale.data.decode import DeviceTransform
 from clipscale.data.shards import shard_urls
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
@@ -142,6 +143,18 @@ def _decode_image(sample: dict) -> Image.Image:
     )
 
 
+def _image_bytes(sample: dict) -> torch.Tensor:
+    """The sample's encoded image as uint8 [n] (decode=device decodes it on the device)."""
+    if "__file__" in sample:
+        data = Path(sample["__file__"]).read_bytes()
+    else:
+        ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        if ext is None:
+            _decode_image(sample)  # raises the error naming the sample
+        data = sample[ext]
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 class EvalSamples(torch.utils.data.IterableDataset):
     """Samples `(index, image_tensor, target)` of this rank's and this worker's share, in order.
 
@@ -177,7 +190,10 @@ class EvalSamples(torch.utils.data.IterableDataset):
                 return
             if index % readers != reader:
                 continue
-            yield index, self.transform(_decode_image(sample)), self._target(sample)
+            if isinstance(self.transform, DeviceTransform):  # decode=device: bytes, decoded later
+                yield index, _image_bytes(sample), self._target(sample)
+            else:
+                yield index, self.transform(_decode_image(sample)), self._target(sample)
 
     def _target(self, sample: dict):
         if "__cls__" in sample:
@@ -211,9 +227,28 @@ def eval_loader(
 ) -> torch.utils.data.DataLoader:
     """DataLoader of `(indices [B], images [B,3,H,W], targets)` over this rank's share."""
     samples = EvalSamples(shards, transform, captions, rank, world_size, max_samples)
+    if isinstance(transform, DeviceTransform):
+        return _DeviceDecodedLoader(
+            samples, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_bytes
+        )
     return torch.utils.data.DataLoader(
         samples, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
     )
+
+
+def _collate_bytes(batch: list[tuple]) -> tuple[torch.Tensor, list, list]:
+    indices, images, targets = zip(*batch, strict=True)
+    return torch.tensor(indices), list(images), list(targets)
+
+
+class _DeviceDecodedLoader(torch.utils.data.DataLoader):
+    """eval_loader with decode=device: batches of bytes from the workers, decoded on the device."""
+
+    def __iter__(self):
+        transform = self.dataset.transform
+        for indices, encoded, targets in super().__iter__():
+            where = f"evaluation samples {int(indices[0])}..{int(indices[-1])}"
+            yield indices, transform.decode(encoded, where), targets
 
 
 def expand_shard_pattern(spec, key: str = "eval.val_shards") -> list[str]:
