@@ -32,7 +32,9 @@ def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError (or ValueError from the model registry) for the first bad value found."""
     _positive_int_or_null(cfg, "data.batch_size", allow_null=False)
     _positive_int_or_null(cfg, "trainer.max_steps", allow_null=False)
-    _positive_int_or_null(cfg, "grad_cache.chunk_size", allow_null=True)
+    from clipscale.gradcache import check_grad_cache  # null, a positive int or auto; fraction
+
+    check_grad_cache(**cfg.grad_cache)
     if "chunk_size" in cfg.loss:
         _positive_int_or_null(cfg, "loss.chunk_size", allow_null=True)
     check_model_name(cfg.model.name)

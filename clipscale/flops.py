@@ -24,8 +24,15 @@ def forward_flops_per_sample(model, image_size: int, context_length: int, device
     return float(counter.get_total_flops())
 
 
-def train_flops_per_sample(forward_flops: float, grad_cache: bool) -> float:
-    """Backward costs about twice the forward; gradient caching adds one more forward."""
+def model_flops_per_sample(forward_flops: float) -> float:
+    """Useful training FLOPs of one sample: forward + backward (about twice the forward). This is
+    what MFU counts, whatever the implementation recomputes."""
+    return 3 * forward_flops
+
+
+def hardware_flops_per_sample(forward_flops: float, grad_cache: bool) -> float:
+    """FLOPs the device actually executes: gradient caching encodes every sample twice (pass 1
+    without graph, pass 2 with), so one more forward. HFU counts these."""
     return forward_flops * (4 if grad_cache else 3)
 
 

@@ -16,7 +16,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from clipscale.config import ConfigError
+
 LossFn = Callable[..., torch.Tensor]
+# encode_fn(images, texts) -> (image_emb, text_emb); prepare(images, texts) -> (images, texts)
+EncodeFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+PrepareFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def logit_params(model) -> tuple[torch.Tensor, ...]:
@@ -58,6 +63,14 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda_state, device)
 
 
+def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` with zero rows appended up to `rows`: a compiled encoder sees one shape only."""
+    missing = rows - tensor.shape[0]
+    if missing <= 0:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(missing, *tensor.shape[1:])])
+
+
 def cached_backward(
     model,
     images: torch.Tensor,
@@ -66,24 +79,46 @@ def cached_backward(
     chunk_size: int,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     foils: tuple[torch.Tensor, torch.Tensor] | None = None,
+    encode_fn: EncodeFn | None = None,
+    prepare: PrepareFn | None = None,
+    pad_last_chunk: bool = False,
 ) -> torch.Tensor:
     """Gradient-cached forward/backward of `loss_fn` on (images, texts); returns the loss value.
 
     `backward(scalar)` runs each back-propagation (the Lightning module passes manual_backward).
     Chunks need not divide the batch: the last one is smaller. `foils` = (foil tokens [B, F, L],
     foil mask [B, F]): hard-negative captions, encoded and cached with their samples' chunk.
+
+    `encode_fn(images, texts)` encodes one chunk (default: `encode(model, ...)`; the module passes
+    a compiled one). `prepare(images, texts)` turns a chunk as stored into encoder inputs: with
+    host staging the batch stays in (pinned) host memory and each chunk is copied to the device
+    and normalised here, in both passes, so the device never holds the whole batch's images.
+    `pad_last_chunk` pads a smaller last chunk with zero rows to `chunk_size` and drops their
+    embeddings: a compiled encoder then never sees a new shape. Exact, because every layer is
+    per-sample (BatchNorm is refused upstream) and the padded rows get no gradient.
     """
-    if chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(
-            f"grad_cache.chunk_size must be a positive integer or null, got {chunk_size}"
+            f"grad_cache.chunk_size must be a positive integer or null, got {chunk_size!r}"
         )
+    encode_fn = encode_fn or (lambda im, tx: encode(model, im, tx))
+    device = next(model.parameters()).device  # the RNG to replay is the encoder's, not the batch's
     image_chunks = images.split(chunk_size)
     text_chunks = texts.split(chunk_size)
     foil_chunks = foils[0].split(chunk_size) if foils is not None else [None] * len(image_chunks)
 
     def encode_chunk(index: int) -> list[torch.Tensor]:
         """[image_emb, text_emb] (+ foil_emb) of chunk `index`, in one fixed order of RNG use."""
-        embeddings = list(encode(model, image_chunks[index], text_chunks[index]))
+        chunk_images, chunk_texts = image_chunks[index], text_chunks[index]
+        if prepare is not None:
+            chunk_images, chunk_texts = prepare(chunk_images, chunk_texts)
+        rows = chunk_images.shape[0]
+        if pad_last_chunk and rows < chunk_size:
+            chunk_images, chunk_texts = (
+                pad_rows(chunk_images, chunk_size),
+                pad_rows(chunk_texts, chunk_size),
+            )
+        embeddings = [emb[:rows] for emb in encode_fn(chunk_images, chunk_texts)]
         if foils is not None:
             embeddings.append(encode_foils(model, foil_chunks[index]))
         return embeddings
@@ -92,13 +127,14 @@ def cached_backward(
     rng_states, cached = [], []
     with torch.no_grad():
         for index in range(len(image_chunks)):
-            rng_states.append(_rng_state(images.device))
+            rng_states.append(_rng_state(device))
             cached.append(encode_chunk(index))
-    rng_after = _rng_state(images.device)
+    rng_after = _rng_state(device)
 
     # The loss on the cached embeddings: its graph holds only embeddings and the logit parameters.
     # leaves: image [B, D], text [B, D] (and foil [B, F, D])
     leaves = [torch.cat(parts).requires_grad_(True) for parts in zip(*cached, strict=True)]
+    del cached
     extra = {} if foils is None else {"foils": (leaves[2], foils[1])}
     loss = loss_fn(leaves[0], leaves[1], *logit_params(model), **extra)
     backward(loss)  # grads reach logit_scale (and logit_bias) here, once
@@ -106,12 +142,100 @@ def cached_backward(
 
     # Pass 2: re-encode each chunk with graph and push its slice of the cached gradient through.
     for index in range(len(image_chunks)):
-        _set_rng_state(rng_states[index], images.device)
+        _set_rng_state(rng_states[index], device)
         embeddings = encode_chunk(index)
         # A scalar whose gradient w.r.t. the embeddings is exactly the cached slice.
         surrogate = sum(
             (emb * grad[index]).sum() for emb, grad in zip(embeddings, grads, strict=True)
         )
         backward(surrogate)
-    _set_rng_state(rng_after, images.device)
+    _set_rng_state(rng_after, device)
     return loss.detach()
+
+
+# --- grad_cache.chunk_size=auto --------------------------------------------------------------------
+
+
+def check_grad_cache(chunk_size, memory_fraction=0.8, stage_on_host="auto") -> None:
+    """Refuse grad_cache values that cannot work, naming the key and what it accepts."""
+    positive_int = (
+        isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0
+    )
+    if chunk_size is not None and chunk_size != "auto" and not positive_int:
+        raise ConfigError(
+            f"grad_cache.chunk_size={chunk_size!r} is invalid: it must be a positive integer, "
+            "auto (the largest power of two that fits grad_cache.memory_fraction of the "
+            "device memory) or null (no gradient caching)"
+        )
+    if (
+        isinstance(memory_fraction, bool)
+        or not isinstance(memory_fraction, int | float)
+        or not 0 < memory_fraction <= 1
+    ):
+        raise ConfigError(
+            f"grad_cache.memory_fraction={memory_fraction!r} is invalid: it must be a number in "
+            "(0, 1], the share of device memory grad_cache.chunk_size=auto may fill (default 0.8)"
+        )
+    if stage_on_host not in ("auto", True, False):
+        raise ConfigError(
+            f"grad_cache.stage_on_host={stage_on_host!r} is invalid: it must be auto (on CUDA "
+            "with gradient caching), true or false"
+        )
+
+
+def candidate_chunks(batch_size: int) -> list[int]:
+    """Powers of two below the per-rank batch, then the batch itself, smallest first."""
+    sizes, size = [], 1
+    while size < batch_size:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, batch_size]
+
+
+def choose_chunk_size(measure: Callable[[int], int | None], batch_size: int, budget: int) -> int:
+    """The largest candidate chunk whose measured peak memory (`measure(chunk)` bytes, None when
+    it ran out of memory) is within `budget` bytes. Memory grows with the chunk, so candidates are
+    tried smallest first and the search stops at the first that does not fit."""
+    chosen, tried = None, []
+    for chunk in candidate_chunks(batch_size):
+        peak = measure(chunk)
+        tried.append((chunk, peak))
+        if peak is None or peak > budget:
+            break
+        chosen = chunk
+    if chosen is None:
+        raise ConfigError(
+            f"grad_cache.chunk_size=auto: even a chunk of 1 needs {tried[0][1]} bytes, over the "
+            f"budget of {budget} bytes; raise grad_cache.memory_fraction or use a smaller model"
+        )
+    return chosen
+
+
+def peak_bytes_cuda(run: Callable[[], None], device: torch.device) -> int | None:
+    """Peak allocated CUDA memory while `run()` executes; None when it ran out of memory."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        run()
+        torch.cuda.synchronize(device)
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:
+        torch.cuda.empty_cache()
+    return torch.cuda.max_memory_allocated(device)
+
+
+def peak_bytes_cpu(run: Callable[[], None]) -> int:
+    """Peak bytes held by torch's CPU allocations while `run()` executes, from the profiler's
+    allocation events (every tensor allocation and free is recorded with its size); Python's
+    tracemalloc does not see torch's allocator, and the process RSS is blurred by malloc reuse."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak

@@ -7,22 +7,41 @@ caching). Per step: encode the per-rank batch, all-gather the embeddings inside 
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import time
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from clipscale.config import ConfigError
 from clipscale.distributed import all_reduce_gradients, all_reduce_sum, world_size
-from clipscale.flops import forward_flops_per_sample, peak_tflops, train_flops_per_sample
-from clipscale.gradcache import cached_backward, encode, encode_foils, logit_params
+from clipscale.flops import (
+    forward_flops_per_sample,
+    hardware_flops_per_sample,
+    model_flops_per_sample,
+    peak_tflops,
+)
+from clipscale.gradcache import (
+    _rng_state,
+    _set_rng_state,
+    cached_backward,
+    check_grad_cache,
+    choose_chunk_size,
+    encode,
+    encode_foils,
+    logit_params,
+    peak_bytes_cpu,
+    peak_bytes_cuda,
+)
 from clipscale.guard import NonFiniteGuard, guard_options
-from clipscale.models import build_model, normalize_images
-from clipscale.optim import parameter_groups, warmup_cosine
+from clipscale.models import build_model
+from clipscale.optim import build_optimizer, parameter_groups, warmup_cosine
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learnable temperature at 1/100
 
@@ -38,6 +57,15 @@ def refuse_batch_norm(model: torch.nn.Module, model_name: str, chunk_size) -> No
             "statistics. Use grad_cache.chunk_size=null (loss.chunk_size still bounds the loss "
             "memory), or a model without BatchNorm (e.g. a ViT)"
         )
+
+
+def is_logging_step(trainer) -> bool:
+    """Whether the step now running (or just run, from on_train_batch_end) is one whose metrics
+    Lightning sends to the loggers: every `log_every_n_steps` batches, and the last step. Values
+    are read from the device only then, so the steps in between never wait for the device."""
+    every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
+    done = trainer.fit_loop.epoch_loop._batches_that_stepped + 1  # as Lightning counts for logging
+    return done % every == 0 or (trainer.max_steps > 0 and done >= trainer.max_steps)
 
 
 class CLIPModule(L.LightningModule):
@@ -61,32 +89,78 @@ class CLIPModule(L.LightningModule):
             patch_dropout=model.get("patch_dropout"),
             **dict(model.get("kwargs") or {}),
         )
-        if model.get("compile"):
-            # In place (nn.Module.compile), so checkpoint keys stay those of the open_clip model.
-            self.model.visual.compile()
-            self.model.transformer.compile()
+        # model.compile: one compiled function encodes a chunk (or the whole batch): both towers
+        # and the normalisation in one graph, called by both grad-cache passes. It is not a
+        # submodule, so checkpoint keys stay those of the open_clip model.
+        self._encode_fn = (
+            torch.compile(functools.partial(encode, self.model)) if model.get("compile") else None
+        )
         self.loss_fn = instantiate(loss)
-        self.chunk_size = (grad_cache or {}).get("chunk_size")
+        grad_cache = dict(grad_cache or {})
+        check_grad_cache(
+            grad_cache.get("chunk_size"),
+            grad_cache.get("memory_fraction", 0.8),
+            grad_cache.get("stage_on_host", "auto"),
+        )
+        self.chunk_size = grad_cache.get("chunk_size")  # null, an int, or "auto" until step one
+        self.memory_fraction = grad_cache.get("memory_fraction", 0.8)
+        self.stage_on_host = grad_cache.get("stage_on_host", "auto")
         if self.chunk_size is not None:
             refuse_batch_norm(self.model, model["name"], self.chunk_size)
         self.max_logit_scale = model.get("max_logit_scale", MAX_LOGIT_SCALE)
         self.guard = NonFiniteGuard(**(guard or {}))  # skips NaN/Inf steps (clipscale/guard.py)
-        self._last_step_start: float | None = None
+        # Throughput over each logging interval: device-synchronised clock, samples since then.
+        self._interval_start: float | None = None
+        self._interval_samples = 0
+        self._skipped_pending: torch.Tensor | int = 0  # this rank's, since the last logging step
         self._skipped_total = 0
-        self._flops_per_sample = 0.0
+        self._model_flops = 0.0  # per sample: 3 x forward
+        self._hardware_flops = 0.0  # per sample: 4 x forward with gradient caching
         self._peak_tflops: float | None = None
+        self._normalize: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- encoders -------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, texts: torch.Tensor):
-        """L2-normalised (image_features [B, D], text_features [B, D])."""
-        return encode(self.model, images, texts)
+        """L2-normalised (image_features [B, D], text_features [B, D]); compiled with model.compile."""
+        return (self._encode_fn or functools.partial(encode, self.model))(images, texts)
 
     def float_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Loaders may send uint8 images (4× less to copy); normalise them here, on the device."""
+        """Loaders may send uint8 images (4× less to copy); normalise them here, on the device,
+        as open_clip's ToTensor + Normalize do. Mean and std are kept on the device: building them
+        from Python lists per call would be a host-to-device copy per chunk."""
         if images.dtype != torch.uint8:
             return images
-        cfg = self.model.visual.preprocess_cfg
-        return normalize_images(images, cfg["mean"], cfg["std"])
+        if self._normalize is None or self._normalize[0].device != images.device:
+            cfg = self.model.visual.preprocess_cfg
+            self._normalize = tuple(
+                torch.tensor(cfg[key], device=images.device).view(1, -1, 1, 1)
+                for key in ("mean", "std")
+            )
+        mean, std = self._normalize
+        return (images.float().div(255) - mean) / std
+
+    def _prepare_chunk(self, images: torch.Tensor, texts: torch.Tensor):
+        """A chunk as the encoder takes it: on the model's device (a no-op when it is there; a
+        non-blocking copy from pinned memory when staged on the host), images normalised."""
+        images = images.to(self.device, non_blocking=True)
+        return self.float_images(images), texts.to(self.device, non_blocking=True)
+
+    def stages_on_host(self, device: torch.device) -> bool:
+        """grad_cache.stage_on_host for this run: auto means on CUDA with gradient caching."""
+        if self.chunk_size is None or self.stage_on_host is False:
+            return False
+        return self.stage_on_host is True or device.type == "cuda"
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """With host staging, images and texts stay in host memory (pinned, so each chunk's copy
+        is asynchronous); everything else moves as usual."""
+        if not (isinstance(batch, dict) and self.stages_on_host(device)):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        kept = {key: batch[key] for key in ("images", "texts") if key in batch}
+        if device.type == "cuda":
+            kept = {k: v if v.is_pinned() else v.pin_memory() for k, v in kept.items()}
+        rest = {key: value for key, value in batch.items() if key not in kept}
+        return {**super().transfer_batch_to_device(rest, device, dataloader_idx), **kept}
 
     # --- the step -------------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -101,12 +175,57 @@ class CLIPModule(L.LightningModule):
             self.model.context_length,
             self.device,
         )
-        self._flops_per_sample = train_flops_per_sample(forward, self.chunk_size is not None)
+        # Counted here, on the training device: Lightning moves the module to the CPU after fit.
+        self._model_flops = model_flops_per_sample(forward)
+        self._hardware_flops = hardware_flops_per_sample(forward, self.chunk_size is not None)
         self._peak_tflops = peak_tflops(self.device)
+        self._interval_start, self._interval_samples = None, 0
+
+    def _auto_chunk_size(self, images: torch.Tensor, texts: torch.Tensor) -> int:
+        """grad_cache.chunk_size=auto, resolved on the first batch: measure a forward/backward of
+        each candidate chunk of this batch (eager; a compiled encoder needs no more memory) and
+        keep the largest whose peak fits memory_fraction of the device memory, less the AdamW
+        moments that the first optimizer step will allocate. Ranks agree on the smallest choice.
+        The random state is restored afterwards, so training draws what it would have drawn."""
+        state = _rng_state(self.device)
+        params = [p for p in self.parameters() if p.requires_grad]
+        moments = 2 * sum(p.numel() * p.element_size() for p in params)
+
+        def run(chunk: int) -> None:
+            chunk_images, chunk_texts = self._prepare_chunk(images[:chunk], texts[:chunk])
+            embeddings = encode(self.model, chunk_images, chunk_texts)
+            sum((emb * torch.ones_like(emb)).sum() for emb in embeddings).backward()
+            for p in params:
+                p.grad = None
+
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            measure = lambda chunk: peak_bytes_cuda(lambda: run(chunk), self.device)  # noqa: E731
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            measure = lambda chunk: peak_bytes_cpu(lambda: run(chunk))  # noqa: E731
+        budget = int(self.memory_fraction * total) - moments
+        chunk = choose_chunk_size(measure, images.shape[0], budget)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            agreed = torch.tensor(chunk, device=self.device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            chunk = int(agreed)
+        _set_rng_state(state, self.device)
+        rank_zero_info(
+            f"clipscale: grad_cache.chunk_size=auto chose {chunk} of a {images.shape[0]}-sample "
+            f"per-rank batch (measured peak within {self.memory_fraction:g} x "
+            f"{total / 2**30:.1f} GiB {self.device.type} memory, less {moments / 2**30:.2f} GiB "
+            "of AdamW moments)"
+        )
+        return chunk
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One optimizer step on this rank's part of the global contrastive batch."""
-        images, texts = self.float_images(batch["images"]), batch["texts"]  # [B, 3, H, W], [B, L]
+        images, texts = batch["images"], batch["texts"]  # [B, 3, H, W] (uint8 or float), [B, L]
+        if self._interval_start is None:  # the first step starts the throughput clock
+            self._interval_start = self._synchronized_time()
+        if self.chunk_size == "auto":
+            self.chunk_size = self._auto_chunk_size(images, texts)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         optimizer.zero_grad(set_to_none=True)
 
@@ -116,7 +235,8 @@ class CLIPModule(L.LightningModule):
             extra = (
                 {} if foils is None else {"foils": (encode_foils(self.model, foils[0]), foils[1])}
             )
-            loss = self.loss_fn(*self.encode(images, texts), *logit_params(self.model), **extra)
+            embeddings = self.encode(self.float_images(images), texts)
+            loss = self.loss_fn(*embeddings, *logit_params(self.model), **extra)
             self.manual_backward(loss)  # DDP averages the gradients here
             loss = loss.detach()
         else:
@@ -128,6 +248,9 @@ class CLIPModule(L.LightningModule):
                 self.chunk_size,
                 self.manual_backward,
                 foils=foils,
+                encode_fn=self._encode_fn,
+                prepare=self._prepare_chunk,  # host-staged chunks are copied here, in both passes
+                pad_last_chunk=self._encode_fn is not None,  # a compiled encoder: one shape only
             )
             all_reduce_gradients(self.parameters())
 
@@ -140,7 +263,9 @@ class CLIPModule(L.LightningModule):
         if stepped:
             with torch.no_grad():
                 self.model.logit_scale.clamp_(0, self.max_logit_scale)
-        self.log("train/skipped_steps", self.guard.skipped_steps, rank_zero_only=True)  # no host sync
+        self.log(
+            "train/skipped_steps", self.guard.skipped_steps, rank_zero_only=True
+        )  # no host sync
 
         self._log_step(loss, batch, step_lr)
         return loss
@@ -154,8 +279,36 @@ class CLIPModule(L.LightningModule):
                 optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm"
             )
 
+    def _synchronized_time(self) -> float:
+        """Wall time after the device has finished its queued work (CUDA runs asynchronously)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _log_step(self, loss: torch.Tensor, batch: dict, lr: float) -> None:
+        """Count this step; at a logging step (is_logging_step) read and log the metrics.
+
+        Between logging steps nothing here waits for the device: sample counts are host ints,
+        skipped-sample counts are summed on the device. At a logging step the device is
+        synchronised once, so samples/s covers the whole interval's device work.
+        """
         global_batch = batch["images"].shape[0] * world_size()
+        self._interval_samples += global_batch
+        if "skipped" in batch:  # 0-d counts from the loader, already on the device
+            self._skipped_pending = self._skipped_pending + sum(batch["skipped"].values())
+        if "cpu_decoded_samples" in batch:  # data.decode=device (clipscale/data/decode.py)
+            self._cpu_local = getattr(self, "_cpu_local", 0) + int(batch["cpu_decoded_samples"])
+        if not is_logging_step(self.trainer):
+            return
+
+        now = self._synchronized_time()
+        samples_per_second = self._interval_samples / max(now - self._interval_start, 1e-9)
+        self._interval_start, self._interval_samples = now, 0
+        # Model FLOPs (3 x forward per sample) count useful work only; hardware FLOPs add the
+        # re-encode of gradient caching (4 x forward). Both per device, in TFLOP/s.
+        per_device = samples_per_second / world_size() / 1e12
+        model_tflops = per_device * self._model_flops
+        hardware_tflops = per_device * self._hardware_flops
         logit_scale = self.model.logit_scale.detach().exp()
         metrics = {
             "train/loss": loss,
@@ -163,47 +316,45 @@ class CLIPModule(L.LightningModule):
             "train/temperature": 1.0 / logit_scale,
             "train/lr": torch.tensor(lr),
             "train/global_batch_size": torch.tensor(float(global_batch)),
+            "train/samples_per_second": torch.tensor(samples_per_second),
+            "train/tflops_per_device": torch.tensor(model_tflops, dtype=torch.float64),
+            "train/hardware_tflops_per_device": torch.tensor(hardware_tflops, dtype=torch.float64),
         }
-        now = time.perf_counter()
-        if self._last_step_start is not None:
-            samples_per_second = global_batch / (now - self._last_step_start)
-            # Achieved model TFLOP/s per device, and its fraction of the device's bf16 peak.
-            tflops = samples_per_second * self._flops_per_sample / world_size() / 1e12
-            metrics["train/samples_per_second"] = torch.tensor(samples_per_second)
-            metrics["train/tflops_per_device"] = torch.tensor(tflops)
-            if self._peak_tflops:
-                metrics["train/mfu"] = torch.tensor(tflops / self._peak_tflops)
-        self._last_step_start = now
+        if self._peak_tflops:  # known GPUs only (clipscale.flops.PEAK_BF16_TFLOPS)
+            metrics["train/mfu"] = torch.tensor(model_tflops / self._peak_tflops)
+            metrics["train/hfu"] = torch.tensor(hardware_tflops / self._peak_tflops)
+        if isinstance(self.chunk_size, int):
+            metrics["train/grad_cache_chunk_size"] = torch.tensor(float(self.chunk_size))
         if "skipped" in batch:
-            local = sum(int(count) for count in batch["skipped"].values())
-            self._skipped_total += int(all_reduce_sum(torch.tensor(local, device=self.device)))
+            pending = torch.as_tensor(self._skipped_pending, device=self.device)
+            self._skipped_total += int(all_reduce_sum(pending))
+            self._skipped_pending = 0
             metrics["train/skipped_samples"] = torch.tensor(float(self._skipped_total))
-        if "cpu_decoded_samples" in batch:  # data.decode=device (clipscale/data/decode.py)
-            metrics["train/cpu_decoded_samples"] = self._cpu_decoded(batch["cpu_decoded_samples"])
+        if "cpu_decoded_samples" in batch:
+            metrics["train/cpu_decoded_samples"] = self._cpu_decoded()
         self.log_dict(metrics, prog_bar=False, rank_zero_only=True)
         self.log("loss", loss, prog_bar=True, logger=False, rank_zero_only=True)
 
-    def _cpu_decoded(self, count: int) -> torch.Tensor:
-        """Images decoded by the CPU fallback over all ranks: summed once per logging interval.
+    def _cpu_decoded(self) -> torch.Tensor:
+        """Images decoded by the CPU fallback over all ranks, summed at each logging step.
 
-        The count is a host int, so adding it costs no device sync; the all-reduce runs only
-        every `log_every_n_steps` steps (the value logged in between is the last sum).
+        The per-batch count is a host int (added up in _log_step at no device cost); the
+        all-reduce runs only at logging steps, which every rank reaches together.
         """
-        self._cpu_local = getattr(self, "_cpu_local", 0) + int(count)
-        self._cpu_steps = getattr(self, "_cpu_steps", 0) + 1
-        interval = getattr(self._trainer, "log_every_n_steps", 1) or 1
-        if self._cpu_steps % interval == 1 % interval:
-            local = torch.tensor(self._cpu_local, device=self.device)
-            self._cpu_total = getattr(self, "_cpu_total", 0) + int(all_reduce_sum(local))
-            self._cpu_local = 0
+        local = torch.tensor(getattr(self, "_cpu_local", 0), device=self.device)
+        self._cpu_total = getattr(self, "_cpu_total", 0) + int(all_reduce_sum(local))
+        self._cpu_local = 0
         return torch.tensor(float(self._cpu_total))
 
     # --- optimisers -----------------------------------------------------------------------------
     def configure_optimizers(self):
         """AdamW (or the configured optimizer) over CLIP's parameter groups; warmup then cosine."""
         optim = self.hparams.optim
-        optimizer = instantiate(optim["optimizer"])(
-            parameter_groups(self.model, optim["optimizer"].get("weight_decay", 0.0))
+        # optim.optimizer.fused: auto -> fused AdamW when the parameters are on CUDA (resolved
+        # here: Lightning has moved the model to its device before configure_optimizers).
+        optimizer = build_optimizer(
+            optim["optimizer"],
+            parameter_groups(self.model, optim["optimizer"].get("weight_decay", 0.0)),
         )
         total_steps = int(self.trainer.estimated_stepping_batches)
         schedule = warmup_cosine(optim["warmup_steps"], total_steps, optim.get("min_lr_ratio", 0.0))

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from clipscale.config import ConfigError
+
 
 def exclude_from_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     """Gains, biases, embeddings and the logit scale/bias are not decayed (as in CLIP)."""
@@ -34,3 +36,28 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return multiplier
+
+
+def resolve_fused(value, params) -> bool | None:
+    """optim.optimizer.fused: auto -> fused kernels when every parameter is on CUDA (one launch
+    per step instead of one per tensor group); false elsewhere, because on CPU the fused path
+    is not the tested default. None (key absent) leaves the optimizer's own default."""
+    if value is None or isinstance(value, bool):
+        return value
+    if value == "auto":
+        return all(p.is_cuda and p.is_floating_point() for p in params)
+    raise ConfigError(
+        f"optim.optimizer.fused={value!r} is invalid: it must be auto (fused AdamW on CUDA), "
+        "true or false"
+    )
+
+
+def build_optimizer(optimizer_cfg: dict, groups: list[dict]) -> torch.optim.Optimizer:
+    """Instantiate optim.optimizer (a partial) over `groups`, with `fused` resolved for the device
+    the parameters are on (Lightning moves the model before configure_optimizers)."""
+    from hydra.utils import instantiate
+
+    cfg = dict(optimizer_cfg)
+    fused = resolve_fused(cfg.pop("fused", None), [p for g in groups for p in g["params"]])
+    extra = {} if fused is None else {"fused": fused}
+    return instantiate(cfg)(groups, **extra)

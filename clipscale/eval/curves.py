@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from clipscale.eval.callback import ValidationCallback  # noqa: E402
+from clipscale.module import is_logging_step  # noqa: E402
 
 TRAIN_KEYS = ("train/loss", "train/temperature")
 # panel title -> suffixes of the validation keys drawn in it
@@ -55,7 +56,9 @@ def plot_curves(series: dict[str, list[tuple[int, float]]], path: str | Path) ->
 
 
 class CurvesCallback(Callback):
-    """Record `train/loss` and `train/temperature` every step; write curves.png when fit ends."""
+    """Record `train/loss` and `train/temperature` at every logging step (trainer.log_every_n_steps,
+    when the module logs them: reading a value waits for the device, so not every step); write
+    curves.png when fit ends."""
 
     def __init__(self, output_dir: str, filename: str = "curves.png"):
         self.path = Path(output_dir) / filename
@@ -63,7 +66,7 @@ class CurvesCallback(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Take this step's training values from the metrics the module just logged."""
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or not is_logging_step(trainer):
             return
         logged = trainer.callback_metrics
         for key in TRAIN_KEYS:
