@@ -279,3 +279,94 @@ def test_jpeg_header_sizes_equal_pils():
     assert decode.jpeg_size(b"\xff\xd8\xff\xe0") is None  # cut before any frame header
     with pytest.raises(ValueError, match="no image header"):
         decode.image_size(b"\xff\xd8 not really")
+
+
+def _demo_shards(folder: Path, samples: int, png_samples: int) -> str:
+    """The demo's drawn shapes as training shards (JPEG, plus one PNG shard) + sizes.json."""
+    from clipscale.data.synthetic import draw_sample
+
+    folder.mkdir()
+    sizes, per_shard = {}, 256
+    for start in range(0, samples + png_samples, per_shard):
+        fmt, ext = ("PNG", "png") if start >= samples else ("JPEG", "jpg")
+        members = []
+        for index in range(start, min(start + per_shard, samples + png_samples)):
+            image, caption, _ = draw_sample(0, "train", index)
+            buffer = io.BytesIO()
+            image.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+            members += [
+                (f"{index:06d}.{ext}", buffer.getvalue()),
+                (f"{index:06d}.txt", caption.encode()),
+            ]
+        name = f"{start // per_shard:04d}.tar"
+        write_tar(folder / name, members)
+        sizes[name] = len(members) // 2
+    (folder / "sizes.json").write_text(json.dumps(sizes))
+    return f"{folder}/{{0000..{len(sizes) - 1:04d}}}.tar"
+
+
+# Two CLI trainings of 120 steps (one per decode mode) take ~2-3 min on 2 cores: the only check
+# that device-decoded batches train the model as well as PIL-decoded ones do, end to end
+# (CLI -> data module -> module -> train/cpu_decoded_samples in the logs -> zero-shot).
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_training_in_device_mode_matches_worker_mode_zero_shot(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    from tests.eval_fixtures import write_classification_dataset
+
+    repo = Path(__file__).resolve().parent.parent
+    pattern = _demo_shards(tmp_path / "shards", samples=2048, png_samples=256)
+    shapes = write_classification_dataset(tmp_path / "shapes", 480, per_shard=240)
+    top1, cpu_decoded = {}, {}
+    for mode in ("worker", "device"):
+        run = tmp_path / mode
+        command = [
+            sys.executable, "-m", "clipscale.train", "data=webdataset", "logger=csv",
+            f"data.train_shards='{pattern}'", "data.resampled=false", f"data.decode={mode}",
+            "data.batch_size=64", "data.num_workers=1", "data.shuffle_buffer=256",
+            "trainer.max_steps=120", "trainer.log_every_n_steps=10", "eval.every_n_steps=120",
+            f"eval.zeroshot=[{shapes}]", f"paths.output_dir={run}",
+            "trainer.enable_progress_bar=false",
+        ]  # fmt: skip
+        subprocess.run(command, cwd=repo, check=True, timeout=600)
+        with open(next(run.glob("csv/*/metrics.csv"))) as file:
+            rows = list(csv.DictReader(file))
+        top1[mode] = max(
+            float(r["val/zeroshot/shapes/top1"]) for r in rows if r.get("val/zeroshot/shapes/top1")
+        )
+        logged = [
+            float(r["train/cpu_decoded_samples"])
+            for r in rows
+            if r.get("train/cpu_decoded_samples")
+        ]
+        cpu_decoded[mode] = max(logged, default=None)
+    assert top1["worker"] > 3 / 24, top1  # it learned (chance: 1/24)
+    assert abs(top1["device"] - top1["worker"]) <= 0.05, top1
+    assert cpu_decoded["worker"] is None  # only decode=device logs it
+    # one pass of 2304 samples is 36 steps: ~3 epochs, each decoding the 256 PNGs on the CPU
+    # (some fall in the dropped remainder), the JPEGs in the batch call
+    assert 256 <= cpu_decoded["device"] <= 4 * 256, cpu_decoded
+
+
+def test_loader_benchmark_device_parts_run_at_tiny_size_on_cpu(tmp_path):
+    """benchmarks/bench_loader.py's byte-shipping and device-decode measurements, 16 images."""
+    import importlib.util
+
+    from clipscale.data.shards import expand_shards, write_shards
+    from clipscale.models import build_tokenizer
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_loader.py"
+    spec = importlib.util.spec_from_file_location("bench_loader", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pairs = bench.make_jpegs(tmp_path, 16)
+    write_shards(pairs, tmp_path / "shards", 8, resize=None, workers=1)
+    urls = expand_shards(str(tmp_path / "shards" / "*.tar"))
+    transform = build_transforms("ViT-B-32", is_train=True, as_uint8=True)
+    rate, cpu_ms = bench.pipeline(urls, 16, 8, 1, transform, build_tokenizer("ViT-B-32"), "device")
+    assert rate > 0 and cpu_ms > 0
+    images_per_second, images = bench.device_decode_rate(pairs, "cpu", 4, 2, transform)
+    assert images == 8 and images_per_second > 0
