@@ -67,59 +67,119 @@ class Towers(torch.nn.Module):
         # Only the sigmoid loss uses a bias; an unused parameter would stall DDP's reduction.
         self.logit_bias = torch.nn.Parameter(torch.tensor(-5.0)) if with_bias else None
 
-    def forward(self, images, texts):
+    def forward(self, images, texts, foil_texts=None):
         image = F.normalize(images @ self.image_proj, dim=-1)
         text = F.normalize(texts @ self.text_proj, dim=-1)
-        return image, text, self.logit_scale.exp(), self.logit_bias
+        foils = None
+        if foil_texts is not None:  # [B, F, DIM] through the text tower
+            foils = F.normalize(foil_texts @ self.text_proj, dim=-1)
+        return image, text, self.logit_scale.exp(), self.logit_bias, foils
 
 
 def global_inputs():
     gen = torch.Generator().manual_seed(11)
-    return torch.randn(GLOBAL_BATCH, DIM, generator=gen), torch.randn(
-        GLOBAL_BATCH, DIM, generator=gen
-    )
+    images = torch.randn(GLOBAL_BATCH, DIM, generator=gen)
+    texts = torch.randn(GLOBAL_BATCH, DIM, generator=gen)
+    foil_texts = torch.randn(GLOBAL_BATCH, 2, DIM, generator=gen)
+    # Ragged valid foils: rank 0 keeps 5 of its 12 slots, rank 1 keeps 3.
+    foil_mask = torch.zeros(GLOBAL_BATCH, 2, dtype=torch.bool)
+    foil_mask[[0, 1, 3, 4, 5], [0, 1, 0, 0, 1]] = True
+    foil_mask[[7, 9, 11], [1, 0, 0]] = True
+    return images, texts, foil_texts, foil_mask
 
 
-def loss_call(loss_name: str, outputs):
-    image, text, scale, bias = outputs
-    if loss_name == "clip":
-        return ClipLoss()(image, text, scale), open_clip.loss.ClipLoss()
-    if loss_name == "clip_tiled":  # 6 rows per rank against 12 keys in ragged 5-wide tiles
-        return ClipLoss(chunk_size=5)(image, text, scale), open_clip.loss.ClipLoss()
-    return SigLipLoss()(image, text, scale, bias), open_clip.loss.SigLipLoss()
+# Every loss setting that runs on CPU: (family, loss kwargs, with foils). On CPU, auto with a
+# chunk_size runs the PyTorch tiles; "triton" runs in Triton's interpreter (TRITON_INTERPRET=1).
+# Chunks of 5 make ragged tiles of the 6 local rows against 12 (+ foil) keys.
+SETTINGS = {
+    "clip": [
+        ("dense", {}, False),
+        ("auto_chunk5", {"chunk_size": 5}, False),
+        ("torch_chunk5", {"chunk_size": 5, "kernel": "torch"}, False),
+        ("triton", {"kernel": "triton"}, False),
+        ("dense_foils", {}, True),
+        ("torch_chunk5_foils", {"chunk_size": 5, "kernel": "torch"}, True),
+        ("triton_foils", {"kernel": "triton"}, True),
+    ],
+    "siglip": [
+        ("dense", {}, False),
+        ("auto_chunk5", {"chunk_size": 5}, False),
+        ("torch_chunk5", {"chunk_size": 5, "kernel": "torch"}, False),
+        ("triton", {"kernel": "triton"}, False),
+        ("dense_foils", {}, True),
+        ("torch_chunk5_foils", {"chunk_size": 5, "kernel": "torch"}, True),
+        ("triton_foils", {"kernel": "triton"}, True),
+    ],
+}
 
 
-def _ddp_worker(rank: int, world_size: int, loss_name: str, out_dir: str) -> None:
-    images, texts = global_inputs()
+def loss_value(family: str, kwargs: dict, outputs, foils_mask=None):
+    """clipscale's loss for (image, text, scale, bias, foil features) with optional foils."""
+    image, text, scale, bias, foil_features = outputs
+    foils = None if foil_features is None else (foil_features, foils_mask)
+    if family == "clip":
+        return ClipLoss(**kwargs)(image, text, scale, foils=foils)
+    return SigLipLoss(**kwargs)(image, text, scale, bias, foils=foils)
+
+
+def _ddp_worker(rank: int, world_size: int, family: str, out_dir: str) -> None:
+    images, texts, foil_texts, foil_mask = global_inputs()
     per_rank = GLOBAL_BATCH // world_size
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
-    model = DistributedDataParallel(Towers(with_bias=loss_name == "siglip"))
-    loss, _ = loss_call(loss_name, model(images[rows], texts[rows]))
-    loss.backward()  # DDP averages parameter gradients over the ranks
-    grads = {
-        name: p.grad.clone() for name, p in model.module.named_parameters() if p.grad is not None
-    }
-    torch.save({"loss": loss.detach(), "grads": grads}, f"{out_dir}/rank{rank}.pt")
+    results = {}
+    for name, kwargs, with_foils in SETTINGS[family]:
+        model = DistributedDataParallel(Towers(with_bias=family == "siglip"))
+        outputs = model(images[rows], texts[rows], foil_texts[rows] if with_foils else None)
+        loss = loss_value(family, kwargs, outputs, foil_mask[rows])
+        loss.backward()  # DDP averages parameter gradients over the ranks
+        grads = {
+            n: p.grad.clone() for n, p in model.module.named_parameters() if p.grad is not None
+        }
+        results[name] = {"loss": loss.detach(), "grads": grads}
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
-@pytest.mark.parametrize("loss_name", ["clip", "clip_tiled", "siglip"])
-def test_two_ranks_give_single_process_loss_and_gradients(tmp_path, loss_name):
-    run_distributed(_ddp_worker, WORLD, loss_name, str(tmp_path))
+# float32 ranks against a float64 reference. d loss/d bias = (1/N) Σ_ij (sigmoid(x_ij) − z'_ij)
+# cancels: 144 sigmoids of ~0.1 minus 12 ones leave 0.05, so float32 rounding of the terms
+# (~1e-7 each) is ~3e-5 of the result; open_clip's own float32 loss is off by as much.
+GRAD_TOL = {"image_proj": 1e-5, "text_proj": 1e-5, "logit_scale": 1e-5, "logit_bias": 1e-4}
 
-    # Reference: one process, the concatenated batch, open_clip's own loss.
-    model = Towers(with_bias=loss_name == "siglip")
-    image, text, scale, bias = model(*global_inputs())
-    _, reference_fn = loss_call(loss_name, (image, text, scale, bias))
-    args = (image, text, scale) if loss_name != "siglip" else (image, text, scale, bias)
-    reference = reference_fn(*args)
-    reference.backward()
 
-    for rank in range(WORLD):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
-        torch.testing.assert_close(result["loss"], reference.detach(), rtol=1e-5, atol=0)
-        for name, param in model.named_parameters():
-            if param.grad is None:
-                continue
-            assert_relative_close(
-                result["grads"][name], param.grad, 1e-5, name=f"rank{rank} {name}"
-            )
+def single_process_reference(family: str, with_foils: bool):
+    """Loss and gradients from one process on the concatenated batch, in float64.
+
+    Without foils the loss is open_clip's own; with foils (open_clip has none) it is clipscale's
+    dense loss, which test_*_foils_match_float64_formula checks against explicit float64 math.
+    """
+    images, texts, foil_texts, foil_mask = global_inputs()
+    images, texts, foil_texts = images.double(), texts.double(), foil_texts.double()
+    model = Towers(with_bias=family == "siglip").double()
+    image, text, scale, bias, foils = model(images, texts, foil_texts if with_foils else None)
+    if with_foils:
+        loss = loss_value(family, {}, (image, text, scale, bias, foils), foil_mask)
+    elif family == "clip":
+        loss = open_clip.loss.ClipLoss()(image, text, scale)
+    else:
+        loss = open_clip.loss.SigLipLoss()(image, text, scale, bias)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_two_ranks_give_single_process_loss_and_gradients(tmp_path, monkeypatch, family):
+    # The spawned ranks define the Triton kernels at import; the interpreter runs them on CPU.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    run_distributed(_ddp_worker, WORLD, family, str(tmp_path))
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+
+    for name, _, with_foils in SETTINGS[family]:
+        reference, reference_grads = single_process_reference(family, with_foils)
+        for rank in range(WORLD):
+            result = results[rank][name]
+            where = f"{name} rank{rank}"
+            assert_relative_close(result["loss"], reference, 1e-6, name=where)
+            assert result["grads"].keys() == reference_grads.keys(), where
+            for param_name, grad in reference_grads.items():
+                assert_relative_close(
+                    result["grads"][param_name], grad, GRAD_TOL[param_name], f"{where} {param_name}"
+                )
