@@ -8,10 +8,13 @@ image-caption set is `val_shards` (training-format shards) or, without them, the
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from clipscale.data.probe import resolve_probe_dirs
@@ -67,6 +70,33 @@ def _datamodule_share(loader: DataLoader, num_workers: int):
         if number % num_ranks == this_rank:
             yield torch.arange(offset, offset + size), batch
         offset += size
+
+
+@contextlib.contextmanager
+def full_parameters(trainer, model: torch.nn.Module):
+    """While validating, make `model`'s parameters whole under a sharded strategy.
+
+    The encoders are called directly (model.encode_image), not through the strategy's wrapped
+    forward, so whatever that forward would gather must be gathered here. FSDP: the root unit's own
+    parameters (patch and token embeddings, projections, final norms, logit scale) are gathered
+    for the duration; each wrapped transformer block still gathers its own in its forward, one at a
+    time, so memory stays at one block beyond the root. DeepSpeed ZeRO-3: the CLIP module's own
+    parameters (positional embedding, text projection, logit scale), which code reads as
+    attributes and no forward hook fetches, are gathered on every rank (read-only); submodules
+    fetch theirs in their forward hooks. DDP, single device and ZeRO-1/2 hold whole parameters.
+    """
+    wrapped = getattr(trainer.strategy, "model", None)
+    if isinstance(wrapped, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False, recurse=False):
+            yield
+    elif getattr(trainer.strategy, "zero_stage_3", False):
+        import deepspeed
+
+        own = list(model.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
+            yield
+    else:
+        yield
 
 
 def _val_loader(datamodule):
@@ -148,7 +178,8 @@ class ValidationCallback(Callback):
         """Evaluate on all ranks, log to every logger (rank 0 writes), remember the numbers."""
         self._last_step = trainer.global_step
         datamodule = getattr(trainer, "datamodule", None)
-        metrics = self.compute(pl_module.model, pl_module.hparams.model["name"], datamodule)
+        with full_parameters(trainer, pl_module.model):  # FSDP/ZeRO-3: gather what is sharded
+            metrics = self.compute(pl_module.model, pl_module.hparams.model["name"], datamodule)
         if not metrics:  # nothing configured to validate on: no line, no empty log entry
             return metrics
         for logger in trainer.loggers:
