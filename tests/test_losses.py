@@ -183,3 +183,102 @@ def test_two_ranks_give_single_process_loss_and_gradients(tmp_path, monkeypatch,
                 assert_relative_close(
                     result["grads"][param_name], grad, GRAD_TOL[param_name], f"{where} {param_name}"
                 )
+
+
+def float64_sigmoid_formula(image, text, scale, bias, foils):
+    """−(1/N) Σ log sigmoid(z·(s·x·y + b)) over pairs and foil pairs, written out in float64."""
+    image, text, foils = image.double(), text.double(), foils.double()
+    logits = scale.double() * image @ text.T + bias.double()
+    z = 2 * torch.eye(len(image), dtype=torch.float64) - 1
+    foil_logits = scale.double() * image @ foils.T + bias.double()
+    return -(F.logsigmoid(z * logits).sum() + F.logsigmoid(-foil_logits).sum()) / len(image)
+
+
+def float64_clip_formula(image, text, scale, foils):
+    """Symmetric InfoNCE with foils as extra image→text columns, written out in float64."""
+    image, text, foils = image.double(), text.double(), foils.double()
+    targets = torch.arange(len(image))
+    image_logits = scale.double() * image @ torch.cat([text, foils]).T
+    text_logits = scale.double() * text @ image.T
+    return (F.cross_entropy(image_logits, targets) + F.cross_entropy(text_logits, targets)) / 2
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"chunk_size": 4, "kernel": "torch"}, {"chunk_size": 64}])
+def test_siglip_dense_and_tiled_equal_open_clip_in_float64(kwargs):
+    image, text, scale = random_features(13, DIM, seed=4, dtype=torch.float64)
+    bias = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    inputs = (image, text, scale, bias)
+    ours, our_grads = value_and_grads(SigLipLoss(**kwargs), *inputs)
+    ref, ref_grads = value_and_grads(open_clip.loss.SigLipLoss(), *inputs)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)
+    for mine, theirs in zip(our_grads, ref_grads, strict=True):
+        assert_relative_close(mine, theirs, 1e-10)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"chunk_size": 3, "kernel": "torch"}])
+def test_foils_match_float64_formula(kwargs):
+    image, text, scale = random_features(7, DIM, seed=5, dtype=torch.float64)
+    bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    gen = torch.Generator().manual_seed(6)
+    foil_features = F.normalize(torch.randn(7, 3, DIM, generator=gen, dtype=torch.float64), dim=-1)
+    foil_mask = torch.rand(7, 3, generator=gen) < 0.5
+    valid = foil_features[foil_mask].requires_grad_()  # the formula's input: only valid foils
+    cases = [
+        (SigLipLoss(**kwargs), (image, text, scale, bias), float64_sigmoid_formula),
+        (ClipLoss(**kwargs), (image, text, scale), float64_clip_formula),
+    ]
+    for loss_fn, inputs, formula in cases:
+        padded = torch.zeros_like(foil_features).index_put((foil_mask,), valid)
+        ours = loss_fn(*inputs, foils=(padded, foil_mask))
+        expected = formula(*inputs, valid)
+        torch.testing.assert_close(ours, expected, rtol=1e-12, atol=0)
+        wrt = (*inputs, valid)
+        for mine, theirs in zip(
+            torch.autograd.grad(ours, wrt), torch.autograd.grad(expected, wrt), strict=True
+        ):
+            assert_relative_close(mine, theirs, 1e-10)
+
+
+def test_float64_tiled_clip_loss_equals_open_clip_to_float64_precision():
+    inputs = random_features(21, DIM, seed=7, dtype=torch.float64)
+    ours, our_grads = value_and_grads(ClipLoss(chunk_size=4, kernel="torch"), *inputs)
+    ref, ref_grads = value_and_grads(open_clip.loss.ClipLoss(), *inputs)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)
+    for mine, theirs in zip(our_grads, ref_grads, strict=True):
+        assert_relative_close(mine, theirs, 1e-10)
+
+
+@pytest.mark.parametrize("loss_class", [ClipLoss, SigLipLoss])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kernel": "cuda"}, r"loss.kernel='cuda' is unknown; choose one of auto, torch, triton"),
+        ({"chunk_size": 0}, r"loss.chunk_size must be a positive integer or null, got 0"),
+        ({"chunk_size": 2.5}, r"loss.chunk_size must be a positive integer or null, got 2.5"),
+    ],
+)
+def test_bad_loss_options_fail_at_construction(loss_class, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        loss_class(**kwargs)
+
+
+def test_triton_on_cpu_without_the_interpreter_names_the_key_and_the_fixes():
+    from clipscale.triton_loss import available
+
+    image, text, scale = random_features(4, DIM, seed=8)
+    if available(image)[0]:
+        pytest.skip("this process loaded the Triton kernels under TRITON_INTERPRET=1")
+    with pytest.raises(
+        ValueError, match=r"loss.kernel=triton.*loss.kernel=auto.*TRITON_INTERPRET=1"
+    ):
+        ClipLoss(kernel="triton")(image, text, scale)
+    with pytest.raises(ValueError, match=r"loss.kernel=triton"):
+        SigLipLoss(kernel="triton")(image, text, scale, torch.tensor(-1.0))
+
+
+def test_mismatched_feature_dtypes_and_devices_are_named():
+    image, text, scale = random_features(4, DIM, seed=9)
+    with pytest.raises(ValueError, match=r"image_features are torch.float32 but text_features"):
+        ClipLoss(chunk_size=2)(image, text.double(), scale)
+    with pytest.raises(ValueError, match=r"one device, got cpu, meta and cpu"):
+        SigLipLoss()(image, text.to("meta"), scale, torch.tensor(-1.0))
