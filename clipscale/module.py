@@ -59,6 +59,11 @@ def refuse_batch_norm(model: torch.nn.Module, model_name: str, chunk_size) -> No
         )
 
 
+def pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """A host tensor in page-locked memory (copied there once if it is not); others unchanged."""
+    return tensor.pin_memory() if tensor.device.type == "cpu" and not tensor.is_pinned() else tensor
+
+
 def is_logging_step(trainer) -> bool:
     """Whether the step now running (or just run, from on_train_batch_end) is one whose metrics
     Lightning sends to the loggers: every `log_every_n_steps` batches, and the last step. Values
@@ -157,8 +162,8 @@ class CLIPModule(L.LightningModule):
         if not (isinstance(batch, dict) and self.stages_on_host(device)):
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
         kept = {key: batch[key] for key in ("images", "texts") if key in batch}
-        if device.type == "cuda":
-            kept = {k: v if v.is_pinned() else v.pin_memory() for k, v in kept.items()}
+        if device.type == "cuda":  # page-locked, so each chunk's copy is asynchronous
+            kept = {k: pinned(v) for k, v in kept.items()}
         rest = {key: value for key, value in batch.items() if key not in kept}
         return {**super().transfer_batch_to_device(rest, device, dataloader_idx), **kept}
 
@@ -263,9 +268,7 @@ class CLIPModule(L.LightningModule):
         if stepped:
             with torch.no_grad():
                 self.model.logit_scale.clamp_(0, self.max_logit_scale)
-        self.log(
-            "train/skipped_steps", self.guard.skipped_steps, rank_zero_only=True
-        )  # no host sync
+        self.log("train/skipped_steps", self.guard.skipped_steps, rank_zero_only=True)  # no host sync
 
         self._log_step(loss, batch, step_lr)
         return loss
