@@ -17,6 +17,7 @@ import json
 import random
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import get_worker_info
@@ -171,6 +172,18 @@ def _batch_buffer(batch_size: int, image: torch.Tensor) -> torch.Tensor:
     return buffer.share_memory_() if get_worker_info() is not None else buffer
 
 
+def _joined(files: list[bytes]) -> torch.Tensor:
+    """The files' bytes end to end, uint8 [n], copied once into (worker) shared memory."""
+    buffer = torch.empty(sum(len(f) for f in files), dtype=torch.uint8)
+    if get_worker_info() is not None:
+        buffer.share_memory_()  # crosses to the main process without another copy
+    flat, offset = buffer.numpy(), 0
+    for data in files:
+        flat[offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        offset += len(data)
+    return buffer
+
+
 def batched(
     items: Iterable[tuple[int, str, torch.Tensor | bytes, str, dict]],
     counter: SkipCounter,
@@ -221,8 +234,7 @@ def batched(
         if encoded:
             # One flat buffer, not B tensors: each tensor leaving a worker costs a shared-memory
             # segment and a file descriptor.
-            data = b"".join(images or [])
-            batch["encoded"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            batch["encoded"] = _joined(images or [])
             batch["encoded_lengths"] = torch.tensor([len(i) for i in images or []])
             if position is not None:
                 batch["crops"] = torch.tensor(crops, dtype=torch.long).view(-1, 4)
