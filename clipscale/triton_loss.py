@@ -23,29 +23,38 @@ Two backward kernels rather than one with atomics, counted with c = 2·B·N·D F
 - One kernel with atomics: recompute once (c), dQ in registers (c), dK by atomically adding each
   [BLOCK, D] float32 partial into global memory (c): backward 3c, total 4c, 20% fewer FLOPs. The
   price is ceil(B / BLOCK_M)·N·D float32 atomic adds: at B = N = 32,768, D = 512, BLOCK_M = 64 that
-  is 8.6·10⁹ adds (34 GB of read-modify-write traffic to L2) against 1.1·10¹² FLOPs for the extra
-  matmul it saves. Every row-block program would also start on key block 0 at once, so the adds
-  contend for the same addresses unless the key order is staggered per program. And float32
-  atomics make dK depend on the arrival order: no longer deterministic.
-The extra matmul costs 25% of the total FLOPs; the atomic traffic is ~30 bytes per saved FLOP. On
-a GPU where the tiles are compute-bound the two-kernel version should win or tie; this was chosen
-without a GPU, and `benchmarks/bench_loss_gpu.py` must confirm the achieved TFLOP/s (a dK kernel
-reaching the dQ kernel's rate means the recompute costs what the count says, no more).
+  is 8.6·10⁹ adds, 34 GB of float32 added in place, to save c = 1.1·10¹² FLOPs. dK itself (64 MiB)
+  does not fit the 50 MB L2 of an H100/H200, so much of that traffic reaches HBM; at the H200's
+  datasheet ratio (4.8 TB/s against 989 dense bf16 TFLOP/s) moving 34 GB takes as long as ~7·10¹²
+  FLOPs, six times what the atomics save, before any contention: every row-block program starts on
+  key block 0 at once, so the adds collide on the same addresses unless each program staggers its
+  key order. And float32 atomics make dK depend on arrival order: no longer deterministic.
+So the two-kernel version should win whenever its tiles run near the tensor-core rate. This was
+decided without a GPU: `benchmarks/bench_loss_gpu.py` must confirm it by the achieved TFLOP/s of
+forward + backward counted as 5c (the dK kernel adds no cost beyond its count if that rate holds).
 
 Precision. The matmuls run in the compute dtype: the input dtype (fp16/bf16 on tensor cores, with
 float32 accumulation), or, for float32 inputs under torch autocast on the tensors' device type, the
-autocast dtype. The cast happens as each block is loaded, so no low-precision copy of Q or K is
-ever stored; backward recomputes in the dtype recorded at forward. float32 without autocast uses
-IEEE float32 dot products (no TF32), so the CPU tests under the interpreter compare exactly.
-Exponentials, log-sum-exp, the SigLIP softplus and every accumulator are float32. float64 is
-refused: the PyTorch paths in clipscale.losses/tiled handle it.
+autocast dtype, recorded at forward and reused by backward. Inputs are cast once per pass, before
+the launch, and the copies are dropped after it (backward casts again): at N = 2²⁰, D = 512 each
+bf16 copy is 1 GiB, which the saved tensors would otherwise hold from forward to backward. Casting
+on load inside the kernel instead was rejected: the pipelined float32 blocks need twice the shared
+memory (224 KiB at D = 512, 64 × 32 blocks, 3 stages; the limit is 227 KiB). float32 without
+autocast uses IEEE float32 dot products (no TF32), so the CPU tests under the interpreter compare
+exactly. Exponentials, log-sum-exp, the SigLIP softplus and every accumulator are float32; dQ and
+dK are written in the input dtype. float64 is refused: the PyTorch paths handle it.
 
-Block sizes: `_default_blocks` is a starting point chosen by register and shared-memory arithmetic,
-not tuned on a GPU; callers may pass `block_m`/`block_n` (the tests use 16/32 under the
-interpreter, the benchmark should sweep them).
+Block sizes (`_BLOCKS_BY_ROW_BYTES`) were chosen without a GPU from what the compiler reports: each
+kernel was compiled for sm_90 (triton.compile with an explicit target) and its cubin read with
+cuobjdump. Spill-free choices at D = 512, bf16: forward 64 × 64 rows, 8 warps (209 registers, 128
+KiB shared); backward 32 × 32 (255 registers, no stack); 64 × 64 in the backward spills (504-byte
+stack). Whether smaller spill-free blocks beat larger spilling ones is for the GPU benchmark to
+measure; `block_m`/`block_n` override the table (the tests use 16/32 under the interpreter).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -280,47 +289,64 @@ def _compute_dtype(features: torch.Tensor) -> torch.dtype:
 
 
 def _triton_dtype(dtype: torch.dtype):
+    """The triton.language dtype for a torch compute dtype."""
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[
         dtype
     ]
 
 
-def _default_blocks(dim: int) -> tuple[int, int]:
-    """(block_m, block_n) keeping the held [block_m, D] operand plus its float32 accumulator on chip.
+class Blocks(NamedTuple):
+    """One kernel's launch shape: rows held per program, rows streamed per step, warps, stages."""
 
-    The backward holds a [block_m, D] float32 accumulator and the [block_m, D] block it belongs
-    to; at D = 512 and 64 rows that is 128 KiB + 64 KiB of registers over 8 warps, the most that
-    fits without spilling, so block_m halves as D doubles. Untuned: the GPU benchmark should sweep.
-    """
-    if dim <= 128:
-        return 128, 64
-    if dim <= 256:
-        return 64, 64
-    if dim <= 512:
-        return 64, 32
-    return 32, 32
+    held: int
+    streamed: int
+    num_warps: int
+    num_stages: int
+
+
+# (forward, backward) blocks by bytes per feature row (BLOCK_D × element size). Chosen so that
+# every kernel compiles for sm_90 (H100/H200) with no register spills (cuobjdump -res-usage: no
+# stack frame) and under the 227 KiB of shared memory per block; see the module docstring. The
+# backward holds a [held, BLOCK_D] float32 accumulator as well as its operand, hence its smaller
+# blocks. Not timed on a GPU.
+_BLOCKS_BY_ROW_BYTES = {
+    128: (Blocks(128, 64, 4, 3), Blocks(64, 64, 4, 3)),  # D ≤ 64 in 16-bit
+    256: (Blocks(128, 64, 8, 3), Blocks(128, 64, 8, 3)),  # D = 128
+    512: (Blocks(64, 64, 8, 3), Blocks(64, 64, 8, 3)),  # D = 256
+    1024: (Blocks(64, 64, 8, 3), Blocks(32, 32, 8, 3)),  # D = 512
+    2048: (Blocks(32, 32, 8, 2), Blocks(16, 32, 8, 2)),  # D = 1024
+    4096: (Blocks(16, 16, 8, 2), Blocks(16, 16, 8, 2)),  # D = 1024 in float32
+}
 
 
 class _KernelConfig:
     """Everything the kernels need besides tensors, fixed at forward and reused in backward."""
 
     def __init__(self, dim: int, compute_dtype: torch.dtype, block_m, block_n):
-        default_m, default_n = _default_blocks(dim)
-        self.block_m = block_m or default_m
-        self.block_n = block_n or default_n
         self.block_d = max(16, triton.next_power_of_2(dim))  # tl.dot needs every side ≥ 16
         self.compute_dtype = compute_dtype
-        self.num_warps = 4 if self.block_d <= 128 else 8
+        row_bytes = max(128, self.block_d * compute_dtype.itemsize)
+        self.forward, self.backward = _BLOCKS_BY_ROW_BYTES[row_bytes]
+        if block_m or block_n:  # an explicit choice (tests, tuning) applies to every kernel
+            self.forward = self.forward._replace(
+                held=block_m or self.forward.held, streamed=block_n or self.forward.streamed
+            )
+            self.backward = self.backward._replace(
+                held=block_m or self.backward.held, streamed=block_n or self.backward.streamed
+            )
 
-    def constants(self) -> dict:
-        """The constexpr arguments common to every kernel."""
-        return dict(
-            DOT_DTYPE=_triton_dtype(self.compute_dtype),
+    def launch(self, blocks: Blocks, held_name: str, streamed_name: str) -> dict:
+        """Constexpr and launch arguments of one kernel."""
+        return {
+            "DOT_DTYPE": _triton_dtype(self.compute_dtype),
             # IEEE float32 products, never TF32, so float32 results are exact to float32.
-            PRECISION="ieee" if self.compute_dtype == torch.float32 else None,
-            BLOCK_D=self.block_d,
-            num_warps=self.num_warps,
-        )
+            "PRECISION": "ieee" if self.compute_dtype == torch.float32 else None,
+            "BLOCK_D": self.block_d,
+            held_name: blocks.held,
+            streamed_name: blocks.streamed,
+            "num_warps": blocks.num_warps,
+            "num_stages": blocks.num_stages,
+        }
 
 
 def _scalar(value: torch.Tensor) -> torch.Tensor:
@@ -332,32 +358,36 @@ def _launch_backward(ctx, grad_output, sigmoid: bool):
     """Run the dQ and/or dK kernels; returns (grad_q, grad_k, scale_rows, bias_rows)."""
     queries, keys, scale, bias, row_max, row_log_sum = ctx.saved_tensors
     config, offset = ctx.config, ctx.kernel_offset
+    # The compute-dtype copies are made again rather than kept from forward: at N = 2²⁰, D = 512
+    # they are 1 GiB each, and one elementwise pass costs far less than the matmuls.
+    queries_c, keys_c = queries.to(config.compute_dtype), keys.to(config.compute_dtype)
     num_rows, dim = queries.shape
     num_keys = keys.shape[0]
     need_q, need_k = ctx.needs_input_grad[:2]
     need_rows = need_q or any(ctx.needs_input_grad[2:4])
     grad_out = _scalar(grad_output)
-    common = dict(SIGMOID=sigmoid, **config.constants())
+    tensors = (queries_c, keys_c, scale, bias, grad_out, row_max, row_log_sum)
     grad_q = grad_k = scale_rows = bias_rows = None
     if need_rows:
-        grad_q = torch.empty_like(queries)
+        grad_q = torch.empty_like(
+            queries
+        )  # written in the input dtype, e.g. float32 under autocast
         scale_rows = torch.empty(num_rows, dtype=torch.float32, device=queries.device)
         bias_rows = torch.empty_like(scale_rows)
-        grid = (triton.cdiv(num_rows, config.block_m),)
+        grid = (triton.cdiv(num_rows, config.backward.held),)
         _backward_queries_kernel[grid](
-            queries, keys, scale, bias, grad_out, row_max, row_log_sum,
-            grad_q, scale_rows, bias_rows,
-            num_rows, num_keys, dim, offset, queries.stride(0), keys.stride(0), grad_q.stride(0),
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, **common,
+            *tensors, grad_q, scale_rows, bias_rows,
+            num_rows, num_keys, dim, offset, queries_c.stride(0), keys_c.stride(0), grad_q.stride(0),
+            SIGMOID=sigmoid, **config.launch(config.backward, "BLOCK_M", "BLOCK_N"),
         )  # fmt: skip
     if need_k:
         grad_k = torch.empty_like(keys)
-        # Roles swap: the dK kernel holds block_m keys and streams block_n query rows.
-        grid = (triton.cdiv(num_keys, config.block_m),)
+        # The dK kernel holds key rows and streams query rows.
+        grid = (triton.cdiv(num_keys, config.backward.held),)
         _backward_keys_kernel[grid](
-            queries, keys, scale, bias, grad_out, row_max, row_log_sum, grad_k,
-            num_rows, num_keys, dim, offset, queries.stride(0), keys.stride(0), grad_k.stride(0),
-            BLOCK_M=config.block_n, BLOCK_N=config.block_m, **common,
+            *tensors, grad_k,
+            num_rows, num_keys, dim, offset, queries_c.stride(0), keys_c.stride(0), grad_k.stride(0),
+            SIGMOID=sigmoid, **config.launch(config.backward, "BLOCK_N", "BLOCK_M"),
         )  # fmt: skip
     return grad_q if need_q else None, grad_k, scale_rows, bias_rows
 
@@ -372,12 +402,12 @@ class _CrossEntropyRows(torch.autograd.Function):
         row_max, row_log_sum, positive = (
             torch.empty(num_rows, dtype=torch.float32, device=queries.device) for _ in range(3)
         )
-        grid = (triton.cdiv(num_rows, config.block_m),)
-        constants = config.constants()
+        queries_c, keys_c = queries.to(config.compute_dtype), keys.to(config.compute_dtype)
+        grid = (triton.cdiv(num_rows, config.forward.held),)
         _cross_entropy_forward_kernel[grid](
-            queries, keys, scale, row_max, row_log_sum, positive,
-            num_rows, keys.shape[0], dim, label_offset, queries.stride(0), keys.stride(0),
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, **constants,
+            queries_c, keys_c, scale, row_max, row_log_sum, positive,
+            num_rows, keys.shape[0], dim, label_offset, queries_c.stride(0), keys_c.stride(0),
+            **config.launch(config.forward, "BLOCK_M", "BLOCK_N"),
         )  # fmt: skip
         ctx.save_for_backward(queries, keys, scale, scale, row_max, row_log_sum)
         ctx.config, ctx.kernel_offset, ctx.scale_dtype = config, label_offset, logit_scale.dtype
@@ -400,11 +430,12 @@ class _SigmoidPairsSum(torch.autograd.Function):
         num_rows, dim = queries.shape
         scale, bias = _scalar(logit_scale), _scalar(logit_bias)
         row_loss = torch.empty(num_rows, dtype=torch.float32, device=queries.device)
-        grid = (triton.cdiv(num_rows, config.block_m),)
+        queries_c, keys_c = queries.to(config.compute_dtype), keys.to(config.compute_dtype)
+        grid = (triton.cdiv(num_rows, config.forward.held),)
         _sigmoid_forward_kernel[grid](
-            queries, keys, scale, bias, row_loss,
-            num_rows, keys.shape[0], dim, kernel_offset, queries.stride(0), keys.stride(0),
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, **config.constants(),
+            queries_c, keys_c, scale, bias, row_loss,
+            num_rows, keys.shape[0], dim, kernel_offset, queries_c.stride(0), keys_c.stride(0),
+            **config.launch(config.forward, "BLOCK_M", "BLOCK_N"),
         )  # fmt: skip
         # row_max/row_log_sum are unused by the sigmoid kernels; `scale` fills their slots.
         ctx.save_for_backward(queries, keys, scale, bias, scale, scale)
