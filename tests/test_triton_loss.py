@@ -10,6 +10,7 @@ ragged last blocks, several row blocks and several key blocks all occur at small
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import clipscale.triton_loss as triton_loss
 from clipscale.triton_loss import available, cross_entropy_rows, sigmoid_pairs_sum
 from tests.numerics import relative_error
 
@@ -249,6 +251,92 @@ def test_sigmoid_bad_bias_and_empty_foils():
     empty.backward()
     assert empty.item() == 0.0 and empty.dtype == torch.float32
     assert queries.grad.abs().sum() == 0 and bias.grad == 0
+
+
+# H100/H200 (sm_90): the most shared memory one block may use.
+SM90_SHARED_LIMIT = 227 * 1024
+
+
+def compile_for_sm90(kernel, launch: dict, feature_pointer: str) -> dict:
+    """Compile one kernel for sm_90 without a GPU; its shared memory, registers and stack bytes."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    options = {"num_warps": launch.pop("num_warps"), "num_stages": launch.pop("num_stages")}
+    signature = {
+        name: "constexpr" if name in launch
+        else feature_pointer if name in ("queries_ptr", "keys_ptr")
+        else "*fp32" if name.endswith("_ptr")
+        else "i32"
+        for name in names
+    }  # fmt: skip
+    constexprs = {(names.index(name),): value for name, value in launch.items()}
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", 90, 32),
+        options=options,
+    )
+    cubin = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    with open(Path(os.environ.get("TMPDIR", "/tmp")) / f"{kernel.fn.__name__}.cubin", "wb") as f:
+        f.write(compiled.asm["cubin"])
+    usage = subprocess.run([cubin, "-res-usage", f.name], capture_output=True, text=True).stdout
+    registers, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+    return {"shared": compiled.metadata.shared, "registers": registers, "stack": stack}
+
+
+def assert_default_blocks_fit_sm90(dim: int, dtype: torch.dtype, spill_free: bool) -> None:
+    """Every kernel at the default blocks compiles for sm_90 within shared memory (and no spills)."""
+    config = triton_loss._KernelConfig(dim, dtype, None, None)
+    feature_pointer = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    forward = config.launch(config.forward, "BLOCK_M", "BLOCK_N")
+    kernels = [
+        (triton_loss._cross_entropy_forward_kernel, forward),
+        (triton_loss._sigmoid_forward_kernel, forward),
+    ]
+    for sigmoid in (False, True):
+        kernels += [
+            (
+                triton_loss._backward_queries_kernel,
+                {**config.launch(config.backward, "BLOCK_M", "BLOCK_N"), "SIGMOID": sigmoid},
+            ),
+            (
+                triton_loss._backward_keys_kernel,
+                {**config.launch(config.backward, "BLOCK_N", "BLOCK_M"), "SIGMOID": sigmoid},
+            ),
+        ]
+    for kernel, launch in kernels:
+        usage = compile_for_sm90(kernel, dict(launch), feature_pointer)
+        where = f"{kernel.fn.__name__} D={dim} {dtype} {launch}: {usage}"
+        assert usage["shared"] <= SM90_SHARED_LIMIT, where
+        if spill_free:
+            assert usage["stack"] == 0, where
+
+
+needs_compiler = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="kernels are interpreted in this process"
+)
+
+
+@needs_compiler
+def test_default_blocks_compile_for_h100_without_spills():
+    """The training shape (D = 512, bf16) compiles for sm_90: no register spills, shared fits.
+
+    The interpreter runs kernels as numpy and never meets the GPU compiler; this catches what
+    only compilation reveals (typing of constexpr branches, register and shared-memory budgets).
+    """
+    assert_default_blocks_fit_sm90(512, torch.bfloat16, spill_free=True)
+
+
+@pytest.mark.slow
+@needs_compiler
+@pytest.mark.parametrize("dim", [64, 128, 256, 1024])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_default_block_row_compiles_for_h100(dim, dtype):
+    """Slow (≈30 s a case): every row of the block table; float32 (IEEE, no tensor cores, a
+    correctness path) must fit shared memory, 16-bit rows must also be spill-free."""
+    assert_default_blocks_fit_sm90(dim, dtype, spill_free=dtype != torch.float32)
 
 
 if __name__ == "__main__":
