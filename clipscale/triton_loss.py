@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the contrastive losses: InfoNCE rows and SigLIP pairs, never a logit tile in memory.
+"""Fused Triton kernels for InfoNCE rows and SigLIP pairs: no logit tile ever reaches GPU memory.
 
 `cross_entropy_rows(queries [B, D], keys [N, D], logit_scale, label_offset)` returns
 Σ_i [logsumexp_j(s·q_i·k_j) − s·q_i·k_{i+offset}], the same sum as
@@ -304,11 +304,12 @@ class Blocks(NamedTuple):
     num_stages: int
 
 
-# (forward, backward) blocks by bytes per feature row (BLOCK_D × element size). Chosen so that
-# every kernel compiles for sm_90 (H100/H200) with no register spills (cuobjdump -res-usage: no
-# stack frame) and under the 227 KiB of shared memory per block; see the module docstring. The
-# backward holds a [held, BLOCK_D] float32 accumulator as well as its operand, hence its smaller
-# blocks. Not timed on a GPU.
+# (forward, backward) blocks by bytes per feature row (BLOCK_D × element size). Chosen by compiling
+# every kernel for sm_90 (H100/H200) and reading the cubin (cuobjdump -res-usage): the 16-bit rows
+# spill no registers (no stack frame), and every row, float32 included, fits the 227 KiB of shared
+# memory per block. float32 (IEEE products, no tensor cores) is a correctness path and does spill
+# at D ≥ 512. The backward holds a [held, BLOCK_D] float32 accumulator as well as its operand,
+# hence its smaller blocks. Not timed on a GPU.
 _BLOCKS_BY_ROW_BYTES = {
     128: (Blocks(128, 64, 4, 3), Blocks(64, 64, 4, 3)),  # D ≤ 64 in 16-bit
     256: (Blocks(128, 64, 8, 3), Blocks(128, 64, 8, 3)),  # D = 128
@@ -497,6 +498,13 @@ def _check_inputs(queries, keys, logit_scale, label_offset) -> None:
         )
 
 
+def _check_blocks(block_m, block_n) -> None:
+    """Raise ValueError unless each explicit block size is a power of two ≥ 16."""
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if value is not None and (not isinstance(value, int) or value < 16 or value & (value - 1)):
+            raise ValueError(f"{name} must be a power of two ≥ 16 (tl.dot's minimum), got {value}")
+
+
 def _require_available(tensor: torch.Tensor) -> None:
     ok, reason = available(tensor)
     if not ok:
@@ -514,6 +522,7 @@ def cross_entropy_rows(
 ) -> torch.Tensor:
     """Σ_i [logsumexp_j(s·q_i·k_j) − s·q_i·k_{i+label_offset}] as a 0-dim float32 tensor."""
     _check_inputs(queries, keys, logit_scale, label_offset)
+    _check_blocks(block_m, block_n)
     _require_available(queries)
     config = _KernelConfig(queries.shape[1], _compute_dtype(queries), block_m, block_n)
     return _CrossEntropyRows.apply(
@@ -540,6 +549,7 @@ def sigmoid_pairs_sum(
     _check_scalar("logit_bias", logit_bias, queries.device)
     if keys.shape[0] == 0:  # no foils this step: an empty sum, still connected to the graph
         return (queries.sum() * 0 + logit_scale * 0 + logit_bias * 0).float()
+    _check_blocks(block_m, block_n)
     _require_available(queries)
     config = _KernelConfig(queries.shape[1], _compute_dtype(queries), block_m, block_n)
     # An offset of N matches no key column: every pair negative.

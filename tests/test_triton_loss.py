@@ -232,6 +232,8 @@ def _bad_inputs(**changes):
         (dict(label_offset=-1), r"label_offset=-1 .* \[0, 8\]"),
         (dict(label_offset=9), r"label_offset=9 .* \[0, 8\]"),
         (dict(queries=torch.zeros(0, 8)), "at least one row"),
+        (dict(block_m=24), "block_m must be a power of two"),
+        (dict(block_n=8), "block_n must be a power of two"),
     ],
 )
 def test_bad_input_names_the_argument(changes, message):
