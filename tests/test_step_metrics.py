@@ -11,6 +11,9 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -164,3 +167,25 @@ def test_auto_chunk_in_a_trainer_run_picks_the_whole_batch_on_cpu_and_logs_it(tm
     assert float(rows[0]["train/hardware_tflops_per_device"]) / float(
         rows[0]["train/tflops_per_device"]
     ) == pytest.approx(4 / 3, rel=1e-6)
+
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_step_gpu.py"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
+def test_gpu_step_benchmark_skips_in_one_line_without_cuda():
+    result = subprocess.run([sys.executable, str(BENCH)], capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("\n") == 1 and "no CUDA device; skipped" in result.stdout
+
+
+@pytest.mark.slow  # every benchmark path (both recipes, caching, staging, profiler): ~2.5 min
+def test_gpu_step_benchmark_runs_its_code_paths_on_cpu():
+    result = subprocess.run([sys.executable, str(BENCH), "--cpu-smoke"], capture_output=True,
+                            text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout
+    assert "| clipscale-tiny @ 16 | open_clip recipe |" in table
+    assert "| clipscale-tiny @ 16 | grad cache 4, host uint8 staged |" in table
+    assert "Top 15 kernels" in table and "| 128 |" in table
