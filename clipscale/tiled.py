@@ -14,7 +14,7 @@ is decided in forward and stored on ctx, because autograd runs backward outside 
 region: without that, a bf16-mixed run computed every backward tile matmul in float32 (issue 9:
 ~2.7× slower on an H200). Logits, log-sum-exp, sigmoids and every accumulator are float32 (float64
 for float64 inputs, so the float64 path stays exact). The scale multiplies the float32 product of
-the rounded features, and the positive logit is the float32 dot of the same rounded features, so
+the rounded features, and the positive logits are read off those same tile products, so
 the positive term cancels exactly against its place in the log-sum-exp. The logit gradient
 P − onehot is formed in float32 before it is cast for the matmul: once training has made P_ii ≈ 1,
 casting P first and subtracting the positive key afterwards would lose the small difference to
@@ -40,15 +40,20 @@ def compute_dtype(features: torch.Tensor) -> torch.dtype:
     return features.dtype
 
 
-def _dot(first: torch.Tensor, second: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Σ first * second over all entries, in `dtype`, without a product-sized temporary."""
-    return torch.dot(first.reshape(-1).to(dtype), second.reshape(-1).to(dtype))
+def _product(first: torch.Tensor, second: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    """first @ second in acc_dtype (float32/64), however the operands are stored.
 
-
-def _positive_dot(queries, keys, label_offset, compute, acc_dtype) -> torch.Tensor:
-    """Σ_i q_i·k_{i+offset} of the features rounded to the matmul dtype, summed in acc_dtype."""
-    positive_keys = keys[label_offset : label_offset + queries.shape[0]]  # [B, D]
-    return _dot(queries.to(compute), positive_keys.to(compute), acc_dtype)
+    On CUDA, half-precision operands go through torch.mm's out_dtype, so the tensor cores' float32
+    accumulator is kept rather than rounded to 8 bits and widened again. Elsewhere (no such kernel
+    on CPU) the product is rounded to the operand dtype first; the InfoNCE forward therefore takes
+    the positive logits from these same products, so that rounding cancels in the loss.
+    """
+    if first.is_cuda and first.dtype != acc_dtype:
+        try:
+            return torch.mm(first, second, out_dtype=acc_dtype)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm.dtype
+            pass
+    return (first @ second).to(acc_dtype)
 
 
 def _tile_products(queries_c, keys_c, row_chunk: int, col_chunk: int):
@@ -63,26 +68,32 @@ def _tile_products(queries_c, keys_c, row_chunk: int, col_chunk: int):
         query_tile = queries_c[rows]  # [c, D]
         for col_start in range(0, keys_c.shape[0], col_chunk):
             cols = slice(col_start, col_start + col_chunk)
-            yield rows, cols, (query_tile @ keys_c[cols].T).to(acc_dtype)  # [c, c']
+            yield rows, cols, _product(query_tile, keys_c[cols].T, acc_dtype)  # [c, c']
 
 
-def _row_logsumexp(queries_c, keys_c, scale, chunk_size):
-    """Per-row max and log Σ exp(logit − max) of scale · queries @ keys.T, tile by tile."""
+def _row_logsumexp(queries_c, keys_c, scale, label_offset, chunk_size):
+    """Per-row max and log Σ exp(logit − max) of scale · queries @ keys.T, tile by tile.
+
+    Also returns Σ_i q_i·k_{i+offset} read off the same tile products, so the positive logits
+    carry exactly the rounding of their place in the log-sum-exp.
+    """
     acc_dtype = _accumulate_dtype(queries_c.dtype)
     # Kept apart rather than summed into one log-sum-exp: at logits of ~1e3 the sum's rounding
     # (ulp 6e-5 in float32) would shift every recomputed probability by as much.
     row_max = torch.full((queries_c.shape[0],), -torch.inf, dtype=acc_dtype, device=scale.device)
     row_sum = torch.zeros_like(row_max)
+    positive_dot = torch.zeros((), dtype=acc_dtype, device=scale.device)
     # The online softmax: a running max and sum of exp(logit − max) per row, exact and
     # overflow-free because every exponent is ≤ 0.
-    for rows, _, logits in _tile_products(queries_c, keys_c, chunk_size, chunk_size):
+    for rows, cols, logits in _tile_products(queries_c, keys_c, chunk_size, chunk_size):
+        positive_dot += logits.diagonal(rows.start + label_offset - cols.start).sum()
         logits.mul_(scale)
         new_max = torch.maximum(row_max[rows], logits.amax(dim=1))
         row_sum[rows] = row_sum[rows] * torch.exp(row_max[rows] - new_max) + logits.sub_(
             new_max[:, None]
         ).exp_().sum(dim=1)
         row_max[rows] = new_max
-    return row_max, row_sum.log()
+    return row_max, row_sum.log(), positive_dot
 
 
 def _subtract_positives(dlogits, rows: slice, cols: slice, label_offset) -> None:
@@ -100,7 +111,7 @@ def _tiled_backward(ctx, grad_output, logit_grad, sigmoid: bool):
 
     `logit_grad(rows, logits)` turns a float32 tile of logits into P (softmax or sigmoid) in place.
     With G = P − onehot (both losses' ∂L/∂logit):
-    dQ = s·G @ K, dK = s·Gᵀ @ Q, d s = Σ G ⊙ (Q Kᵀ) = Σ_i q_i·(G @ K)_i, d b = Σ G.
+    dQ = s·G @ K, dK = s·Gᵀ @ Q, d s = Σ G ⊙ (Q Kᵀ), d b = Σ G.
     """
     queries, keys, logit_scale = ctx.saved_tensors[:3]
     offset, chunk_size, compute = ctx.label_offset, ctx.chunk_size, ctx.compute_dtype
@@ -109,28 +120,32 @@ def _tiled_backward(ctx, grad_output, logit_grad, sigmoid: bool):
     acc_dtype = _accumulate_dtype(compute)
     scale = logit_scale.detach().to(acc_dtype)
     queries_c, keys_c = queries.to(compute), keys.to(compute)
-    need_row_sums = need_q or need_scale
     zeros = dict(dtype=acc_dtype, device=queries.device)
-    grad_q = torch.zeros(queries.shape, **zeros) if need_row_sums else None  # [B, D]
+    grad_q = torch.zeros(queries.shape, **zeros) if need_q else None  # [B, D]
     grad_k = torch.zeros(keys.shape, **zeros) if need_k else None  # [N, D]
+    grad_scale = torch.zeros((), **zeros)
     grad_bias = torch.zeros((), **zeros)
     with torch.autocast(queries.device.type, enabled=False):  # dtypes are chosen explicitly
-        for rows, cols, logits in _tile_products(queries_c, keys_c, chunk_size, chunk_size):
-            dlogits = logit_grad(rows, logits.mul_(scale))  # P, float32
+        for rows, cols, products in _tile_products(queries_c, keys_c, chunk_size, chunk_size):
+            dlogits = logit_grad(rows, products * scale)  # P, float32, a second tile
             _subtract_positives(dlogits, rows, cols, offset)  # G = P − onehot, still float32
+            # d s and d b straight from the float32 tile: both sums cancel (Σ G = 0 per InfoNCE
+            # row), so reading them off bf16 gradient products would lose most of their digits.
+            if need_scale:
+                grad_scale += torch.dot(dlogits.reshape(-1), products.reshape(-1))
             if need_bias:
                 grad_bias += dlogits.sum()
             dlogits = dlogits.to(compute)  # cast only for the matmuls
-            if need_row_sums:
-                grad_q[rows] += dlogits @ keys_c[cols]  # [c, D]
+            if need_q:
+                grad_q[rows] += _product(dlogits, keys_c[cols], acc_dtype)  # [c, D]
             if need_k:
-                grad_k[cols] += dlogits.T @ queries_c[rows]  # [c', D]
+                grad_k[cols] += _product(dlogits.T, queries_c[rows], acc_dtype)  # [c', D]
 
     grad_out = grad_output.to(acc_dtype)
     factor = scale * grad_out  # every feature gradient carries it
     grad_q_out = grad_k_out = grad_scale_out = grad_bias_out = None
     if need_scale:
-        grad_scale_out = (grad_out * _dot(queries_c, grad_q, acc_dtype)).to(logit_scale.dtype)
+        grad_scale_out = (grad_out * grad_scale).to(logit_scale.dtype)
     if need_q:
         grad_q_out = grad_q.mul_(factor).to(queries.dtype)
     if need_k:
@@ -150,8 +165,9 @@ class _TiledCrossEntropySum(torch.autograd.Function):
         scale = logit_scale.detach().to(acc_dtype)
         with torch.autocast(queries.device.type, enabled=False):
             queries_c, keys_c = queries.to(compute), keys.to(compute)
-            positive_dot = _positive_dot(queries_c, keys_c, label_offset, compute, acc_dtype)
-            row_max, row_log_sum = _row_logsumexp(queries_c, keys_c, scale, chunk_size)
+            row_max, row_log_sum, positive_dot = _row_logsumexp(
+                queries_c, keys_c, scale, label_offset, chunk_size
+            )
         ctx.save_for_backward(queries, keys, logit_scale, row_max, row_log_sum)
         ctx.label_offset, ctx.chunk_size, ctx.compute_dtype = label_offset, chunk_size, compute
         # At least float32 even for bf16 inputs: the sum over B rows would lose digits in bf16.
