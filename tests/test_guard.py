@@ -3,6 +3,7 @@ never been there; too many in a row stop the run with a one-line error (real glo
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import re
@@ -209,6 +210,9 @@ def test_training_run_stops_after_consecutive_nan_steps_keeping_finite_checkpoin
         for index, slots in reference.items():
             for slot, value in slots.items():
                 assert torch.equal(state["optimizer_states"][0]["state"][index][slot], value)
+    with open(next(tmp_path.glob("csv/version_*/metrics.csv"))) as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train/skipped_steps")]
+    assert [float(row["train/skipped_steps"]) for row in rows] == [0, 0, 0, 1, 2]
     # ...and step 3 did train: its weights differ from step 2's.
     step2 = torch.load(tmp_path / "checkpoints" / "step000002.ckpt", weights_only=False)
     assert any(
