@@ -38,6 +38,8 @@ CASES = {
     "ce_fp32_keys_only": ("ce", torch.float32, 24, 50, 64, 10, 16, 16, "k"),
     "ce_fp16_d64": ("ce", torch.float16, 40, 70, 64, 30, 16, 32, "qks"),
     "ce_fp16_d512": ("ce", torch.float16, 24, 50, 512, 13, 16, 16, "qks"),
+    # open_clip's clamp (scale 100) and keys given as a transposed view (not row-major).
+    "ce_fp32_scale100_strided_keys": ("ce", torch.float32, 24, 50, 64, 20, 16, 16, "qks"),
     "sigmoid_fp32_d64": ("sigmoid", torch.float32, 24, 72, 64, 24, 16, 32, "qksb"),
     "sigmoid_fp32_foils_all_negative": ("sigmoid", torch.float32, 20, 13, 64, None, 16, 16, "qksb"),
     "sigmoid_fp32_d512": ("sigmoid", torch.float32, 17, 40, 512, 7, 16, 16, "qksb"),
@@ -50,7 +52,7 @@ AUTOCAST_CASES = {
 }
 
 
-def make_inputs(case, seed: int) -> dict:
+def make_inputs(case, seed: int, name: str = "") -> dict:
     """L2-normalised features with each positive key near its query (as after some training)."""
     loss, dtype, num_rows, num_keys, dim, offset, *_ = case
     generator = torch.Generator().manual_seed(seed)
@@ -62,10 +64,15 @@ def make_inputs(case, seed: int) -> dict:
         keys[offset : offset + num_rows] = F.normalize(
             queries + 3.0 * keys[offset : offset + num_rows], dim=1
         )
+    keys = keys.to(dtype)
+    if "strided_keys" in name:
+        keys = keys.T.contiguous().T  # same values, column-major strides (torch.save keeps them)
     return {
         "queries": queries.to(dtype),
-        "keys": keys.to(dtype),
-        "logit_scale": torch.tensor(14.3 if loss == "ce" else 10.0),
+        "keys": keys,
+        "logit_scale": torch.tensor(
+            100.0 if "scale100" in name else 14.3 if loss == "ce" else 10.0
+        ),
         "logit_bias": torch.tensor(-6.0),
     }
 
@@ -132,7 +139,9 @@ def kernel_results(tmp_path_factory):
     """All kernel results from one interpreter child process (~10 s on 2 cores)."""
     folder = tmp_path_factory.mktemp("triton_loss")
     inputs = {
-        "cases": {name: make_inputs(case, seed) for seed, (name, case) in enumerate(CASES.items())},
+        "cases": {
+            name: make_inputs(case, seed, name) for seed, (name, case) in enumerate(CASES.items())
+        },
         "autocast": {name: make_inputs(case, 99) for name, case in AUTOCAST_CASES.items()},
     }
     torch.save(inputs, folder / "inputs.pt")
