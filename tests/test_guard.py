@@ -156,6 +156,17 @@ def test_bad_limit_names_the_key():
         NonFiniteGuard(max_consecutive_nonfinite=0)
 
 
+def test_cli_refuses_a_bad_limit_in_one_line(tmp_path):
+    result = run_cli("guard.max_consecutive_nonfinite=0", f"paths.output_dir={tmp_path}")
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: guard.max_consecutive_nonfinite=0 must be an integer >= 1")
+    )
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no run dir left behind
+
+
 class PoisonImages(Callback):
     """Test-only: from `from_step` on, rank `rank`'s images are NaN (so its loss is NaN)."""
 
