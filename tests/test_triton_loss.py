@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -289,10 +290,13 @@ def compile_for_sm90(kernel, launch: dict, feature_pointer: str) -> dict:
         target=GPUTarget("cuda", 90, 32),
         options=options,
     )
-    cubin = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
-    with open(Path(os.environ.get("TMPDIR", "/tmp")) / f"{kernel.fn.__name__}.cubin", "wb") as f:
-        f.write(compiled.asm["cubin"])
-    usage = subprocess.run([cubin, "-res-usage", f.name], capture_output=True, text=True).stdout
+    cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run(
+            [cuobjdump, "-res-usage", cubin], capture_output=True, text=True
+        ).stdout
     registers, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
     return {"shared": compiled.metadata.shared, "registers": registers, "stack": stack}
 
