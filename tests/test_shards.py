@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -175,3 +176,46 @@ def test_bad_table_columns_and_full_output_are_refused_with_the_fix(tmp_path):
     (tmp_path / "full" / "shard-000000.tar").write_bytes(b"")
     with pytest.raises(FileExistsError, match="already holds .tar shards"):
         write_shards([], tmp_path / "full", samples_per_shard=1, resize=None, workers=1)
+
+
+@pytest.mark.parametrize("decode", ["worker", "device"])
+def test_foils_column_reaches_the_training_batch(tmp_path, decode):
+    """Writer --foils-column -> KEY.foils.json -> WebDataModule(hard_negatives) foil tensors."""
+    from clipscale.data.webdataset import WebDataModule
+    from clipscale.models import build_tokenizer
+
+    pairs = make_images(tmp_path / "images", 4)
+    foils = [["a wrong caption"], [], ["one foil", "two foils", "three foils"], ["last"]]
+    rows = [
+        {"file": str(path.relative_to(tmp_path)), "text": caption, "foils": json.dumps(f)}
+        for (path, caption), f in zip(pairs, foils, strict=True)
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "pairs.csv", index=False)
+    main(
+        ["--table", str(tmp_path / "pairs.csv"), "--path-column", "file"]
+        + ["--caption-column", "text", "--foils-column", "foils"]
+        + ["--output", str(tmp_path / "out"), "--workers", "1"]
+    )
+    data = WebDataModule(
+        train_shards=str(tmp_path / "out" / "shard-000000.tar"),
+        resampled=False,
+        shuffle_buffer=0,
+        batch_size=4,
+        num_workers=0,
+        model_name="clipscale-tiny",
+        decode=decode,
+        hard_negatives=["relation_swap"],
+        max_hard_negatives=2,
+    )
+    data.setup("fit")
+    [batch] = list(data.train_dataloader())
+    assert batch["keys"] == [f"{row:09d}" for row in range(4)]
+    kept = [f[:2] + [""] * (2 - len(f[:2])) for f in foils]
+    expected = build_tokenizer("clipscale-tiny")([c for row in kept for c in row])
+    assert torch.equal(batch["foil_texts"], expected.view(4, 2, -1))
+    assert batch["foil_mask"].tolist() == [
+        [True, False],
+        [False, False],
+        [True, True],
+        [True, False],
+    ]
