@@ -51,6 +51,8 @@ def _product(first: torch.Tensor, second: torch.Tensor, acc_dtype: torch.dtype) 
     if first.is_cuda and first.dtype != acc_dtype:
         try:
             return torch.mm(first, second, out_dtype=acc_dtype)
+        except torch.cuda.OutOfMemoryError:
+            raise
         except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm.dtype
             pass
     return (first @ second).to(acc_dtype)
