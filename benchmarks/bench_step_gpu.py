@@ -195,6 +195,9 @@ def clipscale_module(case: Case):
 def clipscale_run(case: Case, data: dict, device, steps: int, warmup: int,
                   profile_step: int | None = None) -> tuple[list[float], object]:  # fmt: skip
     """Fit `warmup + steps` steps; per-step times from device-synchronised callbacks."""
+    # Every case compiles afresh: dynamo keys its cache on `encode`'s code, shared by all modules,
+    # and would fall back to eager past its recompile limit.
+    torch._dynamo.reset()
     module = clipscale_module(case)
     timer = StepTimer(device, warmup, profile_step)
     trainer = L.Trainer(

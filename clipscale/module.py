@@ -97,9 +97,8 @@ class CLIPModule(L.LightningModule):
         # model.compile: one compiled function encodes a chunk (or the whole batch): both towers
         # and the normalisation in one graph, called by both grad-cache passes. It is not a
         # submodule, so checkpoint keys stay those of the open_clip model.
-        self._encode_fn = (
-            torch.compile(functools.partial(encode, self.model)) if model.get("compile") else None
-        )
+        self._compile = bool(model.get("compile"))
+        self._compiled_encode = None  # built on first use (see compiled_encode)
         self.loss_fn = instantiate(loss)
         grad_cache = dict(grad_cache or {})
         check_grad_cache(
@@ -127,7 +126,18 @@ class CLIPModule(L.LightningModule):
     # --- encoders -------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, texts: torch.Tensor):
         """L2-normalised (image_features [B, D], text_features [B, D]); compiled with model.compile."""
-        return (self._encode_fn or functools.partial(encode, self.model))(images, texts)
+        return (self.compiled_encode() or functools.partial(encode, self.model))(images, texts)
+
+    def compiled_encode(self):
+        """The compiled chunk encoder with model.compile, else None. Built on first use and left
+        out of pickles (ddp_spawn sends the module to its processes; each compiles its own)."""
+        if self._compile and self._compiled_encode is None:
+            self._compiled_encode = torch.compile(functools.partial(encode, self.model))
+        return self._compiled_encode
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        return {**state, "_compiled_encode": None}
 
     def float_images(self, images: torch.Tensor) -> torch.Tensor:
         """Loaders may send uint8 images (4× less to copy); normalise them here, on the device,
@@ -253,9 +263,9 @@ class CLIPModule(L.LightningModule):
                 self.chunk_size,
                 self.manual_backward,
                 foils=foils,
-                encode_fn=self._encode_fn,
+                encode_fn=self.compiled_encode(),
                 prepare=self._prepare_chunk,  # host-staged chunks are copied here, in both passes
-                pad_last_chunk=self._encode_fn is not None,  # a compiled encoder: one shape only
+                pad_last_chunk=self._compile,  # a compiled encoder sees one chunk shape only
             )
             all_reduce_gradients(self.parameters())
 
