@@ -37,6 +37,12 @@ def validate_config(cfg: DictConfig) -> None:
     check_grad_cache(**cfg.grad_cache)
     if "chunk_size" in cfg.loss:
         _positive_int_or_null(cfg, "loss.chunk_size", allow_null=True)
+    from clipscale.losses import check_loss_options  # loss.kernel: auto|torch|triton
+
+    try:
+        check_loss_options(cfg.loss.get("chunk_size"), cfg.loss.get("kernel", "auto"))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     check_model_name(cfg.model.name)
     check_pretrained(cfg.model.pretrained)
 

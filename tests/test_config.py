@@ -42,6 +42,7 @@ def test_demo_defaults_build_module_and_datamodule(compose_config, tmp_path):
         ("data.batch_size=0", r"data.batch_size=0 is invalid: it must be a positive integer"),
         ("trainer.max_steps=-1", r"trainer.max_steps=-1 is invalid"),
         ("grad_cache.chunk_size=0", r"grad_cache.chunk_size=0 is invalid"),
+        ("loss.kernel=cuda", r"loss.kernel='cuda' is unknown; choose one of auto, torch, triton"),
         ("model.name=ViT-B-33", r"model.name='ViT-B-33' is not an open_clip architecture"),
         (
             "model.pretrained=/nonexistent.pt",
