@@ -4,7 +4,8 @@ Why: decoding JPEGs with PIL in the loader workers costs about 2 CPU ms per samp
 fast GPUs would need ~90 cores for it. With `data.decode=device` the workers only read the tar
 members, read each image's header (its size, without decoding) and draw the sample's crop box
 from the sample's own seeded RNG (pipeline.py); this module decodes the whole batch where the
-model runs:
+model runs (EpochLoader applies `DeviceDecoder` to each batch in the training process, so the
+training step and the validation code that iterates `val_dataloader()` both get pixels):
 
 - CUDA: one `torchvision.io.decode_jpeg(list, device="cuda")` call (nvjpeg) for the JPEGs;
 - CPU: the same call on CPU tensors (libjpeg-turbo), so the path is tested without a GPU.
@@ -13,7 +14,10 @@ Whatever that batch call cannot decode (PNG, WebP, and the JPEGs nvjpeg refuses:
 progressive files) is decoded on the CPU one image at a time and counted as
 `cpu_decoded_samples` (logged as `train/cpu_decoded_samples`). Bytes no decoder accepts (a
 truncated body, say) are dropped from the batch and counted as `skipped.corrupt_image`, as the
-worker path counts them.
+worker path counts them; with several ranks the data module then trims every rank to the
+shortest batch (WebDataModule.on_after_batch_transfer), so the contrastive batch holds neither
+padding nor duplicates and the gathered shapes match. Evaluation (`DeviceTransform`) treats an
+undecodable image as an error instead: a fixed test set must not shrink silently.
 
 The crop box is the one open_clip's RandomResizedCrop would draw in the worker for the same seed
 (`draw_crop`), so both modes crop the same region; only the decoder's and the resampler's

@@ -313,7 +313,13 @@ class WebDataModule(L.LightningDataModule):
         return batch
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """One-pass training on several ranks: trim every rank to the shortest batch."""
+        """Several ranks: trim every rank to the shortest batch (one pass, or decode=device).
+
+        A short batch (samples skipped as corrupt, some only at device decode) is trained as
+        it is: no padding or duplicated sample enters the contrastive loss, and every rank
+        drops its last samples down to the shortest rank's count, so the all-gathered
+        embeddings have equal shapes. The dropped samples are counted in `epoch_samples`.
+        """
         training = self.trainer is None or self.trainer.training
         if self.position is None or "keys" not in batch or not training:
             return batch
