@@ -394,3 +394,30 @@ def test_device_mode_resumes_exactly(tmp_path, resampled):
     after = epochs(fresh(interrupted.state_dict()))
     assert_same(after[0], full[0][5:])
     assert_same(after[1], full[1])
+
+
+def test_the_validation_callback_decodes_on_the_device_in_device_mode(tmp_path):
+    from clipscale.eval.callback import ValidationCallback
+    from clipscale.models import build_model
+    from tests.eval_fixtures import write_classification_dataset
+
+    shapes = write_classification_dataset(tmp_path / "shapes", 24, per_shard=12)
+    pattern = write_shards(tmp_path, shards=1)
+    callback = ValidationCallback(every_n_steps=1, zeroshot=[str(shapes)])
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+    metrics = {
+        mode: callback._compute(model, TINY, datamodule(pattern, mode, val_shards=pattern))
+        for mode in ("worker", "device")
+    }
+    assert metrics["worker"].keys() == metrics["device"].keys()
+    assert (
+        abs(
+            metrics["worker"]["val/zeroshot/shapes/top1"]
+            - metrics["device"]["val/zeroshot/shapes/top1"]
+        )
+        <= 1 / 24
+    )
+    assert metrics["worker"]["val/contrastive_loss"] == pytest.approx(
+        metrics["device"]["val/contrastive_loss"], abs=0.01
+    )

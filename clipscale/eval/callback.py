@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
+from clipscale.data.decode import DeviceTransform
 from clipscale.data.probe import resolve_probe_dirs
 from clipscale.distributed import all_gather_rows, rank, world_size
 from clipscale.eval.compositional import evaluate_compositional, read_probe
@@ -202,6 +203,8 @@ class ValidationCallback(Callback):
     def _compute(self, model, model_name, datamodule) -> dict[str, float]:
         device = next(model.parameters()).device
         tokenizer, transform = build_tokenizer(model_name), build_transforms(model_name, False)
+        if getattr(datamodule, "decode_mode", lambda: "worker")() == "device":
+            transform = DeviceTransform(transform, device)  # data.decode=device's decoder
         loader_kw = {"num_workers": self.num_workers, "max_samples": self.max_samples}
         num_ranks = world_size()
         block = (
