@@ -208,7 +208,9 @@ def _device_steps(rank: int, world_size: int, pattern: str, result_folder: str) 
         batch = data.on_after_batch_transfer(data.on_before_batch_transfer(batch, 0), 0)
         sizes.append([len(batch["images"]), len(batch["texts"]), len(batch["keys"])])
     skipped = data.skipped_summary()["corrupt_image"]
-    Path(result_folder, f"rank{rank}.json").write_text(json.dumps([sizes, skipped]))
+    Path(result_folder, f"rank{rank}.json").write_text(
+        json.dumps([sizes, skipped, data.trimmed_samples])
+    )
 
 
 @pytest.mark.timeout(240)
@@ -224,13 +226,17 @@ def test_a_decode_failure_on_one_rank_trims_every_rank_alike(tmp_path):
     # Each rank draws shards with its own RNG (seeded by rank): a batch read from cut.tar loses
     # its images only when decoded (their headers are fine), on one rank and not the other.
     run_distributed(_device_steps, 2, f"{tmp_path}/{{good,cut}}.tar", str(tmp_path))
-    (sizes0, skipped0), (sizes1, skipped1) = (
+    (sizes0, skipped0, trimmed0), (sizes1, skipped1, trimmed1) = (
         json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)
     )
     assert len(sizes0) == len(sizes1) == 3
     assert sizes0 == sizes1  # the same batch size on both ranks at every step
     assert all(images == texts == keys for images, texts, keys in sizes0)
     assert skipped0 + skipped1 > 0 and any(images < 4 for images, _, _ in sizes0)
+    # Every sample read is accounted for: trained on, skipped as corrupt, or trimmed (counted).
+    for sizes, skipped, trimmed in ((sizes0, skipped0, trimmed0), (sizes1, skipped1, trimmed1)):
+        assert sum(images for images, _, _ in sizes) + skipped + trimmed == 3 * 4
+    assert trimmed0 + trimmed1 > 0
 
 
 def test_evaluation_decodes_on_the_device_like_the_eval_transform(tmp_path):

@@ -149,6 +149,7 @@ class WebDataModule(L.LightningDataModule):
         self.loaded_state: dict | None = None  # a checkpoint's position, until setup builds ours
         self.trim_ranks = False  # one-pass training on several ranks: batches may come short
         self.skipped_totals = dict.fromkeys(SKIP_KINDS, 0)
+        self.trimmed_samples = 0  # good samples dropped to match a shorter rank's batch
 
     def _workers_for(self, urls: list[str], key: str, world_size: int, resampled: bool) -> int:
         """Loader workers for a stream: one pass reads with at most one worker per shard."""
@@ -324,7 +325,9 @@ class WebDataModule(L.LightningDataModule):
         if self.position is None or "keys" not in batch or not training:
             return batch
         if self.trim_ranks:
+            received = len(batch["texts"])
             batch = trim_to_shortest(batch)
+            self.trimmed_samples += received - len(batch["texts"])
         self.position.count_samples(len(batch["texts"]))
         return batch
 
@@ -354,6 +357,12 @@ class WebDataModule(L.LightningDataModule):
         if self.position is not None and self.position.epoch_samples:
             used = ", ".join(f"{e}: {n}" for e, n in self.position.epoch_samples.items())
             log.info("data: samples used per epoch on rank %d: %s", rank, used)
+        if self.trimmed_samples:
+            log.warning(
+                "data: %d readable samples left out on rank %d to match a shorter rank's batch",
+                self.trimmed_samples,
+                rank,
+            )
         if any(self.skipped_totals.values()):
             kinds = ", ".join(f"{k}={n}" for k, n in self.skipped_totals.items() if n)
             log.warning("data: samples skipped on rank %d: %s", rank, kinds)
