@@ -278,7 +278,9 @@ class CLIPModule(L.LightningModule):
         if stepped:
             with torch.no_grad():
                 self.model.logit_scale.clamp_(0, self.max_logit_scale)
-        self.log("train/skipped_steps", self.guard.skipped_steps, rank_zero_only=True)  # no host sync
+        self.log(
+            "train/skipped_steps", self.guard.skipped_steps, rank_zero_only=True
+        )  # no host sync
 
         self._log_step(loss, batch, step_lr)
         return loss

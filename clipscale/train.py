@@ -115,7 +115,10 @@ def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks += [SeedPerRank(cfg.seed), EpochSizeCheck()]
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(StepProgressBar())  # step k/max_steps, continued on resume
+        # step k/max_steps, continued on resume; it reads the logged values only when they are
+        # new, so the bar adds no device synchronisation between logging steps
+        every = cfg.trainer.get("log_every_n_steps", 1)
+        callbacks.append(StepProgressBar(refresh_rate=every))
     # Every checkpoint file (periodic, last.ckpt, the requeue one) is written atomically.
     return instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]

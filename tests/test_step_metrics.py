@@ -189,3 +189,14 @@ def test_gpu_step_benchmark_runs_its_code_paths_on_cpu():
     assert "| clipscale-tiny @ 16 | open_clip recipe |" in table
     assert "| clipscale-tiny @ 16 | grad cache 4, host uint8 staged |" in table
     assert "Top 15 kernels" in table and "| 128 |" in table
+
+
+def test_the_progress_bar_refreshes_at_the_logging_interval(compose_config, tmp_path):
+    """Reading the bar's metrics waits for the device: it refreshes only when metrics are new."""
+    from clipscale.progress import StepProgressBar
+    from clipscale.train import build_trainer
+
+    cfg = compose_config(["trainer.log_every_n_steps=7", f"paths.output_dir={tmp_path}"])
+    trainer = build_trainer(cfg, tmp_path)
+    (bar,) = [c for c in trainer.callbacks if isinstance(c, StepProgressBar)]
+    assert bar.refresh_rate == trainer.log_every_n_steps == 7
