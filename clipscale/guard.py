@@ -67,6 +67,20 @@ class NonFiniteGuard:
         self.consecutive: int | torch.Tensor = 0
         self.last_finite_loss: float | torch.Tensor = float("nan")
 
+    def state_dict(self) -> dict:
+        """The counters as Python numbers (a checkpoint is a logging point: one read is fine)."""
+        return {
+            "skipped_steps": int(self.skipped_steps),
+            "consecutive": int(self.consecutive),
+            "last_finite_loss": float(self.last_finite_loss),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue counting from a checkpoint: a resumed run keeps its skip totals and streak."""
+        self.skipped_steps = int(state["skipped_steps"])
+        self.consecutive = int(state["consecutive"])
+        self.last_finite_loss = float(state["last_finite_loss"])
+
     def step(
         self,
         loss: torch.Tensor,

@@ -285,6 +285,21 @@ class CLIPModule(L.LightningModule):
         self._log_step(loss, batch, step_lr)
         return loss
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Run-long counters survive a resume: skipped steps (the guard, all ranks agree) and the
+        skipped samples as of the last logging step (no collective here: rank 0 alone may save)."""
+        checkpoint["clipscale_counters"] = {
+            "guard": self.guard.state_dict(),
+            "skipped_samples": self._skipped_total,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore what on_save_checkpoint wrote (absent in checkpoints of older versions)."""
+        counters = checkpoint.get("clipscale_counters")
+        if counters:
+            self.guard.load_state_dict(counters["guard"])
+            self._skipped_total = int(counters["skipped_samples"])
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """Clip the global gradient norm. Lightning calls this inside `optimizer.step()`, after a
         16-mixed loss scaler has unscaled the gradients, so the bound applies to the true gradients."""

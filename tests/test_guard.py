@@ -142,6 +142,17 @@ def test_consecutive_nonfinite_steps_stop_with_the_step_and_last_finite_loss():
     assert "at step 5" in str(error.value) and "last finite loss 2.25" in str(error.value)
 
 
+def test_a_restored_guard_continues_the_streak_and_the_total():
+    guard = NonFiniteGuard(max_consecutive_nonfinite=3)
+    nan = float("nan")
+    nan_steps(guard, [1.0, nan, 0.75, nan, nan])
+    restored = NonFiniteGuard(max_consecutive_nonfinite=3)
+    restored.load_state_dict(guard.state_dict())
+    assert restored.state_dict() == {"skipped_steps": 3, "consecutive": 2, "last_finite_loss": 0.75}
+    with pytest.raises(NonFiniteError, match="3 non-finite steps in a row.*last finite loss 0.75"):
+        nan_steps(restored, [nan], first_step=5)
+
+
 def test_device_path_stops_at_the_check_interval():
     """No host read each step: the stop comes at the next multiple of check_every."""
     guard = NonFiniteGuard(max_consecutive_nonfinite=2)
@@ -221,6 +232,11 @@ def test_training_run_stops_after_consecutive_nan_steps_keeping_finite_checkpoin
         for index, slots in reference.items():
             for slot, value in slots.items():
                 assert torch.equal(state["optimizer_states"][0]["state"][index][slot], value)
+    # The counters go into the checkpoints, so a resume continues the streak and the total.
+    counters = [state["clipscale_counters"]["guard"] for state in states]
+    assert (
+        [c["skipped_steps"] for c in counters] == [c["consecutive"] for c in counters] == [0, 1, 2]
+    )
     with open(next(tmp_path.glob("csv/version_*/metrics.csv"))) as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("train/skipped_steps")]
     assert [float(row["train/skipped_steps"]) for row in rows] == [0, 0, 0, 1, 2]
