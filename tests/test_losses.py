@@ -91,26 +91,16 @@ def global_inputs():
 # Every loss setting that runs on CPU: (family, loss kwargs, with foils). On CPU, auto with a
 # chunk_size runs the PyTorch tiles; "triton" runs in Triton's interpreter (TRITON_INTERPRET=1).
 # Chunks of 5 make ragged tiles of the 6 local rows against 12 (+ foil) keys.
-SETTINGS = {
-    "clip": [
-        ("dense", {}, False),
-        ("auto_chunk5", {"chunk_size": 5}, False),
-        ("torch_chunk5", {"chunk_size": 5, "kernel": "torch"}, False),
-        ("triton", {"kernel": "triton"}, False),
-        ("dense_foils", {}, True),
-        ("torch_chunk5_foils", {"chunk_size": 5, "kernel": "torch"}, True),
-        ("triton_foils", {"kernel": "triton"}, True),
-    ],
-    "siglip": [
-        ("dense", {}, False),
-        ("auto_chunk5", {"chunk_size": 5}, False),
-        ("torch_chunk5", {"chunk_size": 5, "kernel": "torch"}, False),
-        ("triton", {"kernel": "triton"}, False),
-        ("dense_foils", {}, True),
-        ("torch_chunk5_foils", {"chunk_size": 5, "kernel": "torch"}, True),
-        ("triton_foils", {"kernel": "triton"}, True),
-    ],
-}
+_SETTINGS = [
+    ("dense", {}, False),
+    ("auto_chunk5", {"chunk_size": 5}, False),
+    ("torch_chunk5", {"chunk_size": 5, "kernel": "torch"}, False),
+    ("triton", {"kernel": "triton"}, False),
+    ("dense_foils", {}, True),
+    ("torch_chunk5_foils", {"chunk_size": 5, "kernel": "torch"}, True),
+    ("triton_foils", {"kernel": "triton"}, True),
+]
+SETTINGS = {"clip": _SETTINGS, "siglip": _SETTINGS}
 
 
 def loss_value(family: str, kwargs: dict, outputs, foils_mask=None):
