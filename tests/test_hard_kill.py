@@ -110,6 +110,19 @@ def hard_kill_resume_matches_uninterrupted(tmp_path: Path, resampled: bool, work
     start = torch.load(checkpoint, map_location="cpu", weights_only=False)
     assert 0 < start["global_step"] < MAX_STEPS
 
+    # A checkpoint after an epoch's last batch (step 10 of 10 per one-pass epoch) resumes into the
+    # next epoch: Lightning's own epoch counter comes back one too far there (see
+    # StreamPosition.data_epoch), which once skipped a whole epoch of samples.
+    forked_dir = tmp_path / "forked"
+    at_epoch_end = reference_dir / "checkpoints" / f"step{2 * EVERY:06d}.ckpt"
+    forked = run_cli(
+        *overrides(shards, forked_dir, resampled, workers), f"ckpt_path={at_epoch_end}", timeout=300
+    )
+    assert forked.returncode == 0, forked.stderr[-3000:]
+    got = parameters(forked_dir / "checkpoints" / "last.ckpt")
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
 
 def test_hard_kill_one_pass_no_workers_resumes_bit_identical(tmp_path):
     hard_kill_resume_matches_uninterrupted(tmp_path, resampled=False, workers=0)

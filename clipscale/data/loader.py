@@ -29,6 +29,7 @@ class StreamPosition:
             raise ValueError(f"data.resume={mode!r}: expected one of {', '.join(RESUME_MODES)}")
         self.rank, self.workers, self.layout, self.mode = rank, workers, layout, mode
         self.epoch, self.batches, self.salt = 0, 0, 0
+        self.epoch_shift = 0  # data epoch - trainer epoch, set at a resume (see data_epoch)
         self.cursors = [0] * workers
         self.samples = 0  # samples this rank trained on in the current epoch
         self.epoch_samples: dict[int, int] = {}  # finished and current epochs -> samples used
@@ -50,6 +51,20 @@ class StreamPosition:
         """Add the samples of a batch the step really used (after any trimming)."""
         self.samples += samples
         self.epoch_samples[self.epoch] = self.samples
+
+    def data_epoch(self, trainer_epoch: int, batches_per_epoch: int | None) -> int:
+        """The epoch a pass that begins now reads: the trainer's, shifted by what a resume showed.
+
+        A checkpoint written after the last batch of epoch e resumes in Lightning at current_epoch
+        e + 2 (seen with every_n_train_steps at an epoch's end), which would skip epoch e + 1's
+        samples and order. The loaded position knows better: epoch e, all its batches taken, so
+        the next pass reads e + 1. The shift found at the resume holds for the rest of the run.
+        """
+        pending = self.pending
+        if pending is not None:
+            finished = batches_per_epoch is not None and pending["batches"] >= batches_per_epoch
+            self.epoch_shift = pending["epoch"] + int(finished) - trainer_epoch
+        return trainer_epoch + self.epoch_shift
 
     def start(self, epoch: int) -> tuple[int, list[int], int]:
         """(batches already taken, worker cursors, salt) for a pass over `epoch` that begins now."""
@@ -126,6 +141,8 @@ class EpochLoader(DataLoader):
         # The trainer's epoch keeps the order right after a resume; alone, count the passes.
         epoch = self.current_epoch() if self.current_epoch is not None else self.passes
         self.passes += 1
+        if self.position is not None:
+            epoch = self.position.data_epoch(epoch, self._batches_per_epoch())
         workers = max(1, self.num_workers)
         done, cursors, salt = self.position.start(epoch) if self.position else (0, [0] * workers, 0)
         self.dataset.start(epoch, done, cursors, salt)
@@ -135,6 +152,12 @@ class EpochLoader(DataLoader):
         # Decoded here, in the process that owns the device, so that training and the
         # validation code (which iterates val_dataloader() itself) receive pixels alike.
         return map(self.decoder, batches)
+
+    def _batches_per_epoch(self) -> int | None:
+        try:
+            return len(self.dataset)
+        except TypeError:  # a stream without a known length
+            return None
 
     def state_dict(self) -> dict:
         """Nothing: every rank's position is saved by WebDataModule.state_dict (gathered there).
