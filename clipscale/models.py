@@ -85,8 +85,9 @@ def build_transforms(name: str, is_train: bool, as_uint8: bool = False):
 
 def normalize_images(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> float, exactly what open_clip's ToTensor + Normalize compute."""
-    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    # as_tensor: mean/std already on the device (CLIPModule keeps them there) are not copied again
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     return (images.float().div(255) - mean) / std
 
 

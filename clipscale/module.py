@@ -40,7 +40,7 @@ from clipscale.gradcache import (
     peak_bytes_cuda,
 )
 from clipscale.guard import NonFiniteGuard, guard_options
-from clipscale.models import build_model
+from clipscale.models import build_model, normalize_images
 from clipscale.optim import build_optimizer, parameter_groups, warmup_cosine
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learnable temperature at 1/100
@@ -118,6 +118,8 @@ class CLIPModule(L.LightningModule):
         self._interval_samples = 0
         self._skipped_pending: torch.Tensor | int = 0  # this rank's, since the last logging step
         self._skipped_total = 0
+        self._cpu_local = 0  # images the CPU fallback decoded on this rank since the last log
+        self._cpu_total = 0  # ... over all ranks, up to the last logging step
         self._model_flops = 0.0  # per sample: 3 x forward
         self._hardware_flops = 0.0  # per sample: 4 x forward with gradient caching
         self._peak_tflops: float | None = None
@@ -148,11 +150,9 @@ class CLIPModule(L.LightningModule):
         if self._normalize is None or self._normalize[0].device != images.device:
             cfg = self.model.visual.preprocess_cfg
             self._normalize = tuple(
-                torch.tensor(cfg[key], device=images.device).view(1, -1, 1, 1)
-                for key in ("mean", "std")
+                torch.tensor(cfg[key], device=images.device) for key in ("mean", "std")
             )
-        mean, std = self._normalize
-        return (images.float().div(255) - mean) / std
+        return normalize_images(images, *self._normalize)
 
     def _prepare_chunk(self, images: torch.Tensor, texts: torch.Tensor):
         """A chunk as the encoder takes it: on the model's device (a no-op when it is there; a
@@ -327,7 +327,7 @@ class CLIPModule(L.LightningModule):
         if "skipped" in batch:  # 0-d counts from the loader, already on the device
             self._skipped_pending = self._skipped_pending + sum(batch["skipped"].values())
         if "cpu_decoded_samples" in batch:  # data.decode=device (clipscale/data/decode.py)
-            self._cpu_local = getattr(self, "_cpu_local", 0) + int(batch["cpu_decoded_samples"])
+            self._cpu_local += int(batch["cpu_decoded_samples"])
         if not is_logging_step(self.trainer):
             return
 
@@ -371,8 +371,8 @@ class CLIPModule(L.LightningModule):
         The per-batch count is a host int (added up in _log_step at no device cost); the
         all-reduce runs only at logging steps, which every rank reaches together.
         """
-        local = torch.tensor(getattr(self, "_cpu_local", 0), device=self.device)
-        self._cpu_total = getattr(self, "_cpu_total", 0) + int(all_reduce_sum(local))
+        local = torch.tensor(self._cpu_local, device=self.device)
+        self._cpu_total += int(all_reduce_sum(local))
         self._cpu_local = 0
         return torch.tensor(float(self._cpu_total))
 
