@@ -35,9 +35,7 @@ def validate_config(cfg: DictConfig) -> None:
     from clipscale.gradcache import check_grad_cache  # null, a positive int or auto; fraction
 
     check_grad_cache(**cfg.grad_cache)
-    if "chunk_size" in cfg.loss:
-        _positive_int_or_null(cfg, "loss.chunk_size", allow_null=True)
-    from clipscale.losses import check_loss_options  # loss.kernel: auto|torch|triton
+    from clipscale.losses import check_loss_options  # loss.chunk_size, loss.kernel
 
     try:
         check_loss_options(cfg.loss.get("chunk_size"), cfg.loss.get("kernel", "auto"))
