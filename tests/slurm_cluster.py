@@ -24,6 +24,18 @@ INSTALL_SCRIPT = REPO_ROOT / "scripts" / "ci_install_slurm.sh"
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
 LOCK_PATH = Path("/tmp/clipscale-slurm-cluster.lock")
 MUNGE_DIRS = ("/run/munge", "/var/log/munge", "/var/lib/munge")
+# Base job states after which a job does not run again (scontrol's JobState names).
+ENDED_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "OUT_OF_MEMORY",
+}
 BINARIES = ("sbatch", "srun", "scontrol", "scancel", "sinfo", "slurmctld", "slurmd", "munged")
 
 
@@ -207,10 +219,26 @@ class SlurmCluster:
         ).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
-    def submit(self, args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-        """Start `sbatch --parsable --wait ARGS`; its first stdout line is the job id."""
+    def wait_for_end(self, job_id: int, timeout_s: float) -> int:
+        """Poll the controller until the job has ended; its exit code (1 if a signal ended it).
+
+        For a job that is requeued, `sbatch --wait` is no witness: it may poll the job in the
+        moment between the requeue and the new PENDING state, take that for the end and exit 1
+        while the job goes on. Call this once the requeue has been seen, and it waits for the end.
+        """
+        deadline = time.monotonic() + timeout_s
+        while (fields := self.job(job_id))["JobState"] not in ENDED_STATES:
+            assert time.monotonic() < deadline, f"job {job_id} still running after {timeout_s} s"
+            time.sleep(0.5)
+        code, by_signal = (int(part) for part in fields["ExitCode"].split(":"))
+        return 1 if by_signal else code
+
+    def submit(
+        self, args: list[str], cwd: Path, env: dict[str, str], wait: bool = True
+    ) -> subprocess.Popen:
+        """Start `sbatch --parsable [--wait] ARGS`; its first stdout line is the job id."""
         return subprocess.Popen(
-            ["sbatch", "--parsable", "--wait", *args],
+            ["sbatch", "--parsable", *(["--wait"] if wait else []), *args],
             cwd=cwd,
             env=env,
             stdout=subprocess.PIPE,

@@ -153,8 +153,10 @@ def test_preempted_job_requeues_and_resumes_to_the_uninterrupted_result(
         [*CPU_JOB, "--output=%j.out", str(SBATCH_SCRIPT), *TRAIN_OVERRIDES, "logger=wandb"],
         job_dir,
         job_env(job_dir),
+        wait=False,  # sbatch --wait can exit 1 at the requeue (SlurmCluster.wait_for_end)
     )
     job_id = int(job.stdout.readline())
+    job.wait(timeout=30)
     output_path, run_dir = job_dir / f"{job_id}.out", job_dir / "runs" / f"slurm-{job_id}"
     # Both ranks have their handler once Lightning reports its signal set-up (ours comes first).
     wait_for_output(output_path, HANDLERS_READY, count=2, timeout_s=150)
@@ -166,7 +168,7 @@ def test_preempted_job_requeues_and_resumes_to_the_uninterrupted_result(
         assert time.monotonic() < deadline, f"job was not requeued: {slurm.job(job_id)}"
         time.sleep(0.2)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
-    returncode = job.wait(timeout=300)
+    returncode = slurm.wait_for_end(job_id, timeout_s=300)
     output = output_path.read_text()
     assert returncode == 0, output[-3000:]
 
