@@ -1,0 +1,169 @@
+"""Why relation_swap stays at chance (issue 14): a contrastive saddle, and the experiment that shows it.
+
+    python benchmarks/compositional_saddle.py                     # contrastive + hard negatives
+    python benchmarks/compositional_saddle.py --seed-steps 300    # + 300 steps of a left-colour head
+    python benchmarks/compositional_saddle.py --no-hard-negatives --seed-steps 300
+
+The tiny model on the two-object scenes of clipscale.data.probe, trained the way
+`+experiment=demo_compositional` trains it (captions: 2/3 relation, 1/3 negation; foils:
+attribute_swap and one relation_swap; AdamW 1e-3, 20 warm-up steps, cosine, clip 1.0, batch 128),
+but without Lightning and on scenes rendered once up front, so one variant takes minutes on a CPU.
+It prints the probe's per-type accuracy every `--eval-every` steps.
+
+`--seed-steps K` adds, for the first K steps only, a cross-entropy head that reads the colour of
+the left-hand object from the image embedding. It is a diagnostic, not a recipe: it gives the image
+tower the left/right binding that contrastive training alone never starts to build. Each tower learns
+that binding on its own within ~100 supervised steps, but under the contrastive loss each one's
+gradient towards it is proportional to how much of it the other tower already has, and at
+initialisation both have almost none. See benchmarks/RESULTS.md for the measured runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN as MEAN
+from open_clip.constants import OPENAI_DATASET_STD as STD
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clipscale.data import probe  # noqa: E402
+from clipscale.losses import ClipLoss  # noqa: E402
+from clipscale.models import (  # noqa: E402
+    build_model,
+    build_tokenizer,
+    build_transforms,
+    normalize_images,
+)
+from clipscale.optim import parameter_groups, warmup_cosine  # noqa: E402
+
+MODEL = "clipscale-tiny"
+COLOURS = list(probe.COLOURS)
+
+
+def render_training_scenes(count: int, seed: int) -> dict[str, torch.Tensor]:
+    """Scenes with a relation caption, a negation caption, their foils and the left colour."""
+    transform = build_transforms(MODEL, is_train=True, as_uint8=True)
+    tokenize = build_tokenizer(MODEL)
+    images, captions, foils, left = [], [], [], []
+    for index in range(count):
+        rng = random.Random(f"{seed}/train/{index}/two")
+        scene = probe.draw_scene(rng)
+        image = probe.render_scene(scene, rng)
+        relation, negation = probe.true_relation(scene, rng), probe.true_negation(scene, rng)
+        torch.manual_seed(zlib.crc32(f"{seed}/train/{index}".encode()))
+        images.append(transform(image))
+        captions += [relation.text(), negation.text()]
+        foils += [
+            probe.make_foil(kind, scene, relation, rng).text() for kind in probe.FOIL_TYPES[:2]
+        ]
+        left.append(COLOURS.index(scene.left.colour))
+    return {
+        "images": torch.stack(images),  # uint8 [n, 3, 32, 32]
+        "captions": tokenize(captions).view(count, 2, -1),  # relation, negation
+        "foils": tokenize(foils).view(count, 2, -1),  # attribute_swap, relation_swap
+        "left_colour": torch.tensor(left),
+    }
+
+
+def render_probe(per_type: int) -> dict:
+    """The built-in probe's first `per_type` samples of each type, as tensors."""
+    transform = build_transforms(MODEL, is_train=False, as_uint8=True)
+    tokenize = build_tokenizer(MODEL)
+    images, captions, foils, kinds = [], [], [], []
+    for kind in probe.FOIL_TYPES:
+        for index in range(per_type):
+            image, _, caption, foil = probe.probe_sample(0, kind, index)
+            images.append(transform(image))
+            captions.append(caption.text())
+            foils.append(foil.text())
+            kinds.append(kind)
+    return {
+        "images": torch.stack(images),
+        "captions": tokenize(captions),
+        "foils": tokenize(foils),
+        "kinds": kinds,
+    }
+
+
+@torch.no_grad()
+def probe_accuracy(model, data: dict) -> dict[str, float]:
+    """Per type: the fraction of samples whose caption scores strictly above its foil."""
+    model.eval()
+    images = F.normalize(model.encode_image(normalize_images(data["images"], MEAN, STD)), dim=-1)
+    captions = F.normalize(model.encode_text(data["captions"]), dim=-1)
+    foils = F.normalize(model.encode_text(data["foils"]), dim=-1)
+    model.train()
+    wins = (images * captions).sum(-1) > (images * foils).sum(-1)
+    kinds = data["kinds"]
+    return {
+        kind: round(wins[[k == kind for k in kinds]].float().mean().item(), 3)
+        for kind in probe.FOIL_TYPES
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--seed-steps", type=int, default=0, help="steps with the left-colour head")
+    parser.add_argument("--no-hard-negatives", action="store_true")
+    parser.add_argument("--samples", type=int, default=20000, help="training scenes rendered")
+    parser.add_argument("--probe-per-type", type=int, default=500)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    train, held_out = (
+        render_training_scenes(args.samples, args.seed),
+        render_probe(args.probe_per_type),
+    )
+    model = build_model(MODEL)
+    head = torch.nn.Linear(model.text_projection.shape[1], len(COLOURS))
+    groups = parameter_groups(model, 0.1) + [{"params": head.parameters(), "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(20, args.steps))
+    loss_fn = ClipLoss(gather=False)
+    draw = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        rows = torch.randint(args.samples, (args.batch,), generator=draw)
+        negation = torch.rand(args.batch, generator=draw) < 1 / 3
+        texts = train["captions"][rows, negation.long()]
+        image_features = F.normalize(
+            model.encode_image(normalize_images(train["images"][rows], MEAN, STD)), dim=-1
+        )
+        foils = None
+        if not args.no_hard_negatives:  # foils apply to relation captions only
+            foil_tokens = train["foils"][rows]  # [B, 2, L]
+            foil_features = F.normalize(model.encode_text(foil_tokens.flatten(0, 1)), dim=-1)
+            foils = (foil_features.view(args.batch, 2, -1), (~negation)[:, None].expand(-1, 2))
+        text_features = F.normalize(model.encode_text(texts), dim=-1)
+        loss = loss_fn(image_features, text_features, model.logit_scale.exp(), foils=foils)
+        if step <= args.seed_steps:
+            loss = loss + F.cross_entropy(head(image_features), train["left_colour"][rows])
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % args.eval_every == 0 or step == args.steps:
+            scores = probe_accuracy(model, held_out)
+            print(
+                f"step {step:5d}  loss {loss.item():.3f}  {scores}  {time.perf_counter() - start:.0f} s"
+            )
+
+
+if __name__ == "__main__":
+    main()
