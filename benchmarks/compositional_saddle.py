@@ -3,6 +3,7 @@
     python benchmarks/compositional_saddle.py                     # contrastive + hard negatives
     python benchmarks/compositional_saddle.py --seed-steps 300    # + 300 steps of a left-colour head
     python benchmarks/compositional_saddle.py --no-hard-negatives --seed-steps 300
+    python benchmarks/compositional_saddle.py --model clipscale-tiny-sincos   # the demo's model now
 
 The tiny model on the two-object scenes of clipscale.data.probe, trained the way
 `+experiment=demo_compositional` trains it (captions: 2/3 relation, 1/3 negation; foils:
@@ -15,7 +16,8 @@ the left-hand object from the image embedding. It is a diagnostic, not a recipe:
 tower the left/right binding that contrastive training alone never starts to build. Each tower learns
 that binding on its own within ~100 supervised steps, but under the contrastive loss each one's
 gradient towards it is proportional to how much of it the other tower already has, and at
-initialisation both have almost none. See benchmarks/RESULTS.md for the measured runs.
+initialisation both have almost none. Fixed 2-D sin-cos patch positions in the image tower
+(`--model clipscale-tiny-sincos`) give it a start. See benchmarks/RESULTS.md for the measured runs.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ def probe_accuracy(model, data: dict) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=MODEL, help="clipscale-tiny or clipscale-tiny-sincos")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seed-steps", type=int, default=0, help="steps with the left-colour head")
     parser.add_argument("--no-hard-negatives", action="store_true")
@@ -127,7 +130,7 @@ def main() -> None:
         render_training_scenes(args.samples, args.seed),
         render_probe(args.probe_per_type),
     )
-    model = build_model(MODEL)
+    model = build_model(args.model)  # same input size and tokenizer as MODEL
     head = torch.nn.Linear(model.text_projection.shape[1], len(COLOURS))
     groups = parameter_groups(model, 0.1) + [{"params": head.parameters(), "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
