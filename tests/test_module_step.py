@@ -13,6 +13,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader, Dataset
 
 from clipscale.config import ConfigError
+from clipscale.models import build_model
 from clipscale.module import CLIPModule
 from clipscale.train import SeedPerRank
 
@@ -161,3 +162,37 @@ def test_ranks_draw_different_masks_from_identical_initial_weights(tmp_path):
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["params"] == rank1["params"]
     assert rank0["kept"] != rank1["kept"]  # same image, different patches kept
+
+
+def test_sincos_tiny_differs_from_tiny_only_in_fixed_image_positions():
+    """clipscale-tiny-sincos (the compositional demo's model): the same architecture as
+    clipscale-tiny but for the image tower's 2-D sin-cos positions, which no seed changes and no
+    training step (AdamW with weight decay included) moves."""
+    tiny = open_clip.get_model_config("clipscale-tiny")
+    sincos = open_clip.get_model_config("clipscale-tiny-sincos")
+    assert sincos["vision_cfg"].pop("pos_embed_type") == "sin_cos_2d"
+    assert sincos == tiny
+
+    module = CLIPModule(
+        model={"name": "clipscale-tiny-sincos"},
+        loss={"_target_": "clipscale.losses.ClipLoss"},
+        optim={
+            "optimizer": {
+                "_target_": "torch.optim.AdamW",
+                "_partial_": True,
+                "lr": 1e-2,
+                "weight_decay": 0.5,
+            },
+            "warmup_steps": 1,
+            "grad_clip_norm": None,
+        },
+        grad_cache={"chunk_size": None},
+    )
+    positions = module.model.visual.positional_embedding
+    torch.manual_seed(123)
+    other = build_model("clipscale-tiny-sincos")
+    assert torch.equal(other.visual.positional_embedding, positions)  # not drawn from the seed
+    before, proj_before = positions.detach().clone(), module.model.visual.proj.detach().clone()
+    fit(module, steps=2)
+    assert torch.equal(module.model.visual.positional_embedding, before)
+    assert not torch.equal(module.model.visual.proj, proj_before)  # the rest of the tower trained
