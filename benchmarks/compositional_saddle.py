@@ -23,7 +23,6 @@ initialisation both have almost none. Fixed 2-D sin-cos patch positions in the i
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 import time
@@ -38,6 +37,7 @@ from open_clip.constants import OPENAI_DATASET_STD as STD
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipscale.data import probe  # noqa: E402
+from clipscale.eval.compositional import evaluate_compositional  # noqa: E402
 from clipscale.losses import ClipLoss  # noqa: E402
 from clipscale.models import (  # noqa: E402
     build_model,
@@ -45,16 +45,17 @@ from clipscale.models import (  # noqa: E402
     build_transforms,
     normalize_images,
 )
+from clipscale.module import MAX_LOGIT_SCALE  # noqa: E402
 from clipscale.optim import parameter_groups, warmup_cosine  # noqa: E402
 
 MODEL = "clipscale-tiny"
 COLOURS = list(probe.COLOURS)
 
 
-def render_training_scenes(count: int, seed: int) -> dict[str, torch.Tensor]:
+def render_training_scenes(model: str, count: int, seed: int) -> dict[str, torch.Tensor]:
     """Scenes with a relation caption, a negation caption, their foils and the left colour."""
-    transform = build_transforms(MODEL, is_train=True, as_uint8=True)
-    tokenize = build_tokenizer(MODEL)
+    transform = build_transforms(model, is_train=True, as_uint8=True)
+    tokenize = build_tokenizer(model)
     images, captions, foils, left = [], [], [], []
     for index in range(count):
         rng = random.Random(f"{seed}/train/{index}/two")
@@ -76,42 +77,6 @@ def render_training_scenes(count: int, seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def render_probe(per_type: int) -> dict:
-    """The built-in probe's first `per_type` samples of each type, as tensors."""
-    transform = build_transforms(MODEL, is_train=False, as_uint8=True)
-    tokenize = build_tokenizer(MODEL)
-    images, captions, foils, kinds = [], [], [], []
-    for kind in probe.FOIL_TYPES:
-        for index in range(per_type):
-            image, _, caption, foil = probe.probe_sample(0, kind, index)
-            images.append(transform(image))
-            captions.append(caption.text())
-            foils.append(foil.text())
-            kinds.append(kind)
-    return {
-        "images": torch.stack(images),
-        "captions": tokenize(captions),
-        "foils": tokenize(foils),
-        "kinds": kinds,
-    }
-
-
-@torch.no_grad()
-def probe_accuracy(model, data: dict) -> dict[str, float]:
-    """Per type: the fraction of samples whose caption scores strictly above its foil."""
-    model.eval()
-    images = F.normalize(model.encode_image(normalize_images(data["images"], MEAN, STD)), dim=-1)
-    captions = F.normalize(model.encode_text(data["captions"]), dim=-1)
-    foils = F.normalize(model.encode_text(data["foils"]), dim=-1)
-    model.train()
-    wins = (images * captions).sum(-1) > (images * foils).sum(-1)
-    kinds = data["kinds"]
-    return {
-        kind: round(wins[[k == kind for k in kinds]].float().mean().item(), 3)
-        for kind in probe.FOIL_TYPES
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=MODEL, help="clipscale-tiny or clipscale-tiny-sincos")
@@ -119,18 +84,16 @@ def main() -> None:
     parser.add_argument("--seed-steps", type=int, default=0, help="steps with the left-colour head")
     parser.add_argument("--no-hard-negatives", action="store_true")
     parser.add_argument("--samples", type=int, default=20000, help="training scenes rendered")
-    parser.add_argument("--probe-per-type", type=int, default=500)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    train, held_out = (
-        render_training_scenes(args.samples, args.seed),
-        render_probe(args.probe_per_type),
-    )
-    model = build_model(args.model)  # same input size and tokenizer as MODEL
+    train = render_training_scenes(args.model, args.samples, args.seed)
+    probe_dir = probe.builtin_probe_dir()  # the probe training scores (500 per type)
+    eval_transform, tokenizer = build_transforms(args.model, False), build_tokenizer(args.model)
+    model = build_model(args.model)
     head = torch.nn.Linear(model.text_projection.shape[1], len(COLOURS))
     groups = parameter_groups(model, 0.1) + [{"params": head.parameters(), "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
@@ -160,9 +123,12 @@ def main() -> None:
         optimizer.step()
         schedule.step()
         with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         if step % args.eval_every == 0 or step == args.steps:
-            scores = probe_accuracy(model, held_out)
+            model.eval()
+            metrics = evaluate_compositional(model, tokenizer, eval_transform, probe_dir, 500)
+            model.train()
+            scores = {kind: round(metrics[kind], 3) for kind in probe.FOIL_TYPES}
             print(
                 f"step {step:5d}  loss {loss.item():.3f}  {scores}  {time.perf_counter() - start:.0f} s"
             )
