@@ -36,13 +36,15 @@ class RandomPairs(Dataset):
         return {"images": self.images[index], "texts": self.texts[index]}
 
 
-def make_module(lr=1.0, clip=None, warmup=1, model="clipscale-tiny", chunk=None, **model_cfg):
+def make_module(
+    lr=1.0, clip=None, warmup=1, model="clipscale-tiny", chunk=None, optimizer=None, **model_cfg
+):
     torch.manual_seed(0)
     return CLIPModule(
         model={"name": model, **model_cfg},
         loss={"_target_": "clipscale.losses.ClipLoss"},
         optim={
-            "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": lr},
+            "optimizer": optimizer or {"_target_": "torch.optim.SGD", "_partial_": True, "lr": lr},
             "warmup_steps": warmup,
             "grad_clip_norm": clip,
         },
@@ -173,21 +175,8 @@ def test_sincos_tiny_differs_from_tiny_only_in_fixed_image_positions():
     assert sincos["vision_cfg"].pop("pos_embed_type") == "sin_cos_2d"
     assert sincos == tiny
 
-    module = CLIPModule(
-        model={"name": "clipscale-tiny-sincos"},
-        loss={"_target_": "clipscale.losses.ClipLoss"},
-        optim={
-            "optimizer": {
-                "_target_": "torch.optim.AdamW",
-                "_partial_": True,
-                "lr": 1e-2,
-                "weight_decay": 0.5,
-            },
-            "warmup_steps": 1,
-            "grad_clip_norm": None,
-        },
-        grad_cache={"chunk_size": None},
-    )
+    adamw = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2, "weight_decay": 0.5}
+    module = make_module(model="clipscale-tiny-sincos", optimizer=adamw)
     positions = module.model.visual.positional_embedding
     torch.manual_seed(123)
     other = build_model("clipscale-tiny-sincos")
