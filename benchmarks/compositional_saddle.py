@@ -3,7 +3,8 @@
     python benchmarks/compositional_saddle.py                     # contrastive + hard negatives
     python benchmarks/compositional_saddle.py --seed-steps 300    # + 300 steps of a left-colour head
     python benchmarks/compositional_saddle.py --no-hard-negatives --seed-steps 300
-    python benchmarks/compositional_saddle.py --model clipscale-tiny-sincos   # the demo's model now
+    python benchmarks/compositional_saddle.py --model clipscale-tiny-sincos   # the demo's model
+    python benchmarks/compositional_saddle.py --model clipscale-tiny-sincos --mirror-pairs  # the demo
 
 The tiny model on the two-object scenes of clipscale.data.probe, trained the way
 `+experiment=demo_compositional` trains it (captions: 2/3 relation, 1/3 negation; foils:
@@ -17,7 +18,10 @@ tower the left/right binding that contrastive training alone never starts to bui
 that binding on its own within ~100 supervised steps, but under the contrastive loss each one's
 gradient towards it is proportional to how much of it the other tower already has, and at
 initialisation both have almost none. Fixed 2-D sin-cos patch positions in the image tower
-(`--model clipscale-tiny-sincos`) give it a start. See benchmarks/RESULTS.md for the measured runs.
+(`--model clipscale-tiny-sincos`) give it a start, but whether and when training leaves the saddle
+then depends on the seed. `--mirror-pairs` makes half of each batch the mirror images of the other
+half, with their mirrored relation captions and their own foils (`data.mirror_pairs`).
+See benchmarks/RESULTS.md for the measured runs.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ def render_training_scenes(model: str, count: int, seed: int) -> dict[str, torch
     """Scenes with a relation caption, a negation caption, their foils and the left colour."""
     transform = build_transforms(model, is_train=True, as_uint8=True)
     tokenize = build_tokenizer(model)
-    images, captions, foils, left = [], [], [], []
+    images, captions, foils, left, mirror_captions, mirror_foils = [], [], [], [], [], []
     for index in range(count):
         rng = random.Random(f"{seed}/train/{index}/two")
         scene = probe.draw_scene(rng)
@@ -68,12 +72,19 @@ def render_training_scenes(model: str, count: int, seed: int) -> dict[str, torch
         foils += [
             probe.make_foil(kind, scene, relation, rng).text() for kind in probe.FOIL_TYPES[:2]
         ]
-        left.append(COLOURS.index(scene.left.colour))
+        left.append([COLOURS.index(scene.left.colour), COLOURS.index(scene.right.colour)])
+        mirror, mirrored = scene.mirrored(), relation.mirrored()
+        mirror_captions.append(mirrored.text())
+        mirror_foils += [
+            probe.make_foil(kind, mirror, mirrored, rng).text() for kind in probe.FOIL_TYPES[:2]
+        ]
     return {
         "images": torch.stack(images),  # uint8 [n, 3, 32, 32]
         "captions": tokenize(captions).view(count, 2, -1),  # relation, negation
         "foils": tokenize(foils).view(count, 2, -1),  # attribute_swap, relation_swap
-        "left_colour": torch.tensor(left),
+        "left_colour": torch.tensor(left),  # [n, 2]: the left colour, and the mirror's
+        "mirror_captions": tokenize(mirror_captions),  # the relation caption, side reversed
+        "mirror_foils": tokenize(mirror_foils).view(count, 2, -1),
     }
 
 
@@ -83,6 +94,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seed-steps", type=int, default=0, help="steps with the left-colour head")
     parser.add_argument("--no-hard-negatives", action="store_true")
+    parser.add_argument("--mirror-pairs", action="store_true", help="each scene + its mirror")
     parser.add_argument("--samples", type=int, default=20000, help="training scenes rendered")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--batch", type=int, default=128)
@@ -102,21 +114,29 @@ def main() -> None:
     draw = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        rows = torch.randint(args.samples, (args.batch,), generator=draw)
-        negation = torch.rand(args.batch, generator=draw) < 1 / 3
-        texts = train["captions"][rows, negation.long()]
+        scenes = args.batch // 2 if args.mirror_pairs else args.batch
+        rows = torch.randint(args.samples, (scenes,), generator=draw)
+        negation = torch.rand(scenes, generator=draw) < 1 / 3
+        texts, images = train["captions"][rows, negation.long()], train["images"][rows]
+        left_colour = train["left_colour"][rows, 0]
+        foil_tokens = train["foils"][rows]  # [B, 2, L]
+        if args.mirror_pairs:  # the mirrors always carry a relation caption
+            texts = torch.cat([texts, train["mirror_captions"][rows]])
+            images = torch.cat([images, images.flip(-1)])
+            left_colour = torch.cat([left_colour, train["left_colour"][rows, 1]])
+            foil_tokens = torch.cat([foil_tokens, train["mirror_foils"][rows]])
+            negation = torch.cat([negation, torch.zeros_like(negation)])
         image_features = F.normalize(
-            model.encode_image(normalize_images(train["images"][rows], MEAN, STD)), dim=-1
+            model.encode_image(normalize_images(images, MEAN, STD)), dim=-1
         )
         foils = None
         if not args.no_hard_negatives:  # foils apply to relation captions only
-            foil_tokens = train["foils"][rows]  # [B, 2, L]
             foil_features = F.normalize(model.encode_text(foil_tokens.flatten(0, 1)), dim=-1)
             foils = (foil_features.view(args.batch, 2, -1), (~negation)[:, None].expand(-1, 2))
         text_features = F.normalize(model.encode_text(texts), dim=-1)
         loss = loss_fn(image_features, text_features, model.logit_scale.exp(), foils=foils)
         if step <= args.seed_steps:
-            loss = loss + F.cross_entropy(head(image_features), train["left_colour"][rows])
+            loss = loss + F.cross_entropy(head(image_features), left_colour)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

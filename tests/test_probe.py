@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from clipscale.data.probe import main as probe_main
 from clipscale.data.synthetic import (
@@ -110,30 +110,31 @@ def test_probe_is_deterministic(probe, tmp_path):
         probe_main(["--output", str(tmp_path / "again")])  # refuses to overwrite
 
 
+def check_caption_and_foils_against_pixels(image: Image.Image, caption: str, foils: list[str]):
+    """The caption is true of the drawn pixels and every foil is false, read from colours alone."""
+    sides = colour_sides(image)
+    assert len(sides) == 2 and all(len(s) == 1 for s in sides.values())
+    colour_side = {colour: next(iter(s)) for colour, s in sides.items()}
+    assert caption not in foils
+    for text in [caption, *foils]:
+        if match := RELATION.match(text):
+            c1, _, side, c2, _ = match.groups()
+            # colours alone decide relation captions here: colours differ in a scene
+            holds = colour_side.get(c1) == side and colour_side.get(c2) not in (None, side)
+            assert holds == (text == caption), (text, caption, sides)
+        else:
+            c1, _, c2, _ = NEGATION.match(text).groups()
+            assert c1 in sides  # the mentioned thing's colour is in the image
+            if text != caption:
+                assert c2 in sides  # a foil negates a colour that is there
+
+
 def test_two_object_training_foils_are_false_and_differ():
     types = ("attribute_swap", "relation_swap", "negation")
     for index in range(200):
         image, caption, foils = draw_two_object_sample(0, "train", index, types, 3)
-        sides = colour_sides(image)
-        assert len(sides) == 2 and all(len(s) == 1 for s in sides.values())
-        scene = {
-            "objects": [
-                {"colour": c, "shape": None, "side": next(iter(s))} for c, s in sides.items()
-            ]
-        }
-        assert foils and len(foils) <= 3 and caption not in foils
-        for text in [caption, *foils]:
-            if match := RELATION.match(text):
-                c1, _, side, c2, _ = match.groups()
-                # colours alone decide relation captions here: colours differ in a scene
-                colour_side = {o["colour"]: o["side"] for o in scene["objects"]}
-                holds = colour_side.get(c1) == side and colour_side.get(c2) not in (None, side)
-                assert holds == (text == caption), (text, caption, sides)
-            else:
-                c1, _, c2, _ = NEGATION.match(text).groups()
-                assert c1 in sides  # the mentioned thing's colour is in the image
-                if text != caption:
-                    assert c2 in sides  # a foil negates a colour that is there
+        assert foils and len(foils) <= 3
+        check_caption_and_foils_against_pixels(image, caption, foils)
     # the image and caption do not depend on which foils are asked for
     plain = draw_two_object_sample(0, "train", 5)
     with_foils = draw_two_object_sample(0, "train", 5, types, 3)
@@ -163,6 +164,60 @@ def test_hard_negative_batches_have_fixed_foil_shapes_and_masks():
     assert "foil_texts" not in module.dataset("val")[0]  # held-out split: one object, no foils
 
 
+def test_mirror_samples_are_the_mirrored_scene_with_a_relation_caption_true_of_it():
+    types = ("attribute_swap", "relation_swap")
+    for index in range(200):
+        image, caption, _ = draw_two_object_sample(0, "train", index, types, 3)
+        mirror, mirror_caption, mirror_foils = draw_two_object_sample(
+            0, "train", index, types, 3, mirrored=True
+        )
+        assert mirror.tobytes() == ImageOps.mirror(image).tobytes()
+        assert RELATION.match(mirror_caption) and len(mirror_foils) == 2
+        check_caption_and_foils_against_pixels(mirror, mirror_caption, mirror_foils)
+        # the pair differs in sides only: the mirror's caption is false of the original scene
+        check_caption_and_foils_against_pixels(image, caption, [mirror_caption])
+        if RELATION.match(caption):  # a relation caption is mirrored by reversing its side
+            c1, s1, side, c2, s2 = RELATION.match(caption).groups()
+            flipped = {"left": "right", "right": "left"}[side]
+            assert mirror_caption == f"a {c1} {s1} {flipped} of a {c2} {s2}"
+
+
+def test_mirror_pair_batches_hold_each_scene_next_to_its_mirror():
+    module = SyntheticDataModule(
+        MODEL,
+        batch_size=6,
+        train_samples=12,
+        objects=2,
+        hard_negatives=["relation_swap"],
+        max_hard_negatives=2,
+        mirror_pairs=True,
+    )
+    dataset = module.dataset("train")
+    assert len(dataset) == 6  # items are pairs: 12 samples
+    loader = module.train_dataloader()
+    assert len(loader) == 2
+    tokenizer = build_tokenizer(MODEL)
+    pairs = {}
+    for index in range(len(dataset)):
+        texts = [
+            tokenizer([draw_two_object_sample(0, "train", index, ("relation_swap",), 2, m)[1]])[0]
+            for m in (False, True)
+        ]
+        pairs[tuple(texts[0].tolist())] = index, texts[1]
+    seen = []
+    for batch in loader:
+        assert batch["images"].shape[0] == 6 and batch["foil_texts"].shape == (6, 2, 32)
+        for k in range(3):
+            index, mirror_text = pairs[tuple(batch["texts"][2 * k].tolist())]
+            assert torch.equal(batch["texts"][2 * k + 1], mirror_text)
+            assert torch.equal(batch["images"][2 * k], dataset.sample(index)["images"])
+            # the mirror's pixels are the original's crop seen in a mirror
+            assert torch.equal(batch["images"][2 * k + 1], batch["images"][2 * k].flip(-1))
+            seen.append(index)
+    assert sorted(seen) == list(range(6))  # one epoch: every scene once, with its mirror
+    assert "foil_texts" not in module.dataset("val")[0]  # held-out split unchanged
+
+
 def test_default_synthetic_data_is_the_one_object_demo():
     module = SyntheticDataModule(MODEL, batch_size=4)
     dataset = module.dataset("train")
@@ -183,6 +238,9 @@ def test_default_synthetic_data_is_the_one_object_demo():
         ({"objects": 2, "hard_negatives": "negation"}, "data.hard_negatives"),
         ({"objects": 1, "hard_negatives": ["negation"]}, "data.objects=2"),
         ({"objects": 3}, "data.objects"),
+        ({"objects": 1, "mirror_pairs": True}, "data.objects=2"),
+        ({"objects": 2, "mirror_pairs": True, "batch_size": 7}, "must be even, got 7"),
+        ({"objects": 2, "mirror_pairs": "yes"}, "data.mirror_pairs"),
         (
             {"objects": 2, "hard_negatives": ["negation"], "max_hard_negatives": 0},
             "max_hard_negatives",

@@ -63,6 +63,10 @@ class Scene:
         """ "left"/"right" where `thing` is, None if the scene does not hold it."""
         return {self.left: "left", self.right: "right"}.get(thing)
 
+    def mirrored(self) -> Scene:
+        """The scene seen in a mirror: the two things change sides."""
+        return Scene(self.right, self.left, self.background)
+
     def to_json(self) -> dict:
         """The scene as plain JSON (the `scene` field of probe.jsonl)."""
         return {
@@ -88,6 +92,14 @@ class Statement:
         if self.kind == "relation":
             return f"a {self.first} {self.side} of a {self.second}"
         return f"a {self.first} and no {self.second}"
+
+    def mirrored(self) -> Statement:
+        """The relation with its side reversed: true of the mirrored scene where this one holds."""
+        if self.kind != "relation":
+            raise ValueError(f"only a relation has a mirror image, not {self.text()!r}")
+        return Statement(
+            "relation", self.first, self.second, "right" if self.side == "left" else "left"
+        )
 
     def holds(self, scene: Scene) -> bool:
         """Whether the statement is true of `scene`."""
@@ -166,7 +178,7 @@ def make_foil(kind: str, scene: Scene, caption: Statement, rng: random.Random) -
         swapped = Thing(second.colour, first.shape), Thing(first.colour, second.shape)
         return Statement("relation", *swapped, caption.side)
     if rng.random() < 0.5:
-        return Statement("relation", first, second, "right" if caption.side == "left" else "left")
+        return caption.mirrored()
     return Statement("relation", second, first, caption.side)
 
 

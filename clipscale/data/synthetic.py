@@ -11,6 +11,12 @@ no green triangle"; label -1); the held-out split stays one-object, so the zero-
 unchanged. With `hard_negatives` (two-object data only) each training sample also carries up to
 `max_hard_negatives` false captions made from its true one ("foil_texts" [F, L] tokens and
 "foil_mask" [F] bool, F = max_hard_negatives padded with empty captions marked False).
+
+With `mirror_pairs` (two-object data only) every training scene comes with its mirror image in the
+same batch: the two things change sides and the caption changes with them ("a red circle left of
+a blue square" becomes "a red circle right of a blue square"). Each caption is then a hard negative
+for the other image of its pair, and the pair differs only in which object is on which side. This
+is what starts left/right binding in the tiny model (benchmarks/RESULTS.md, round 4).
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ import zlib
 
 import lightning as L
 import torch
-from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
+from PIL import Image, ImageDraw, ImageOps
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from clipscale.models import build_tokenizer, build_transforms
 from clipscale.preemption import resumable_sampler
@@ -101,15 +107,23 @@ def draw_sample(seed: int, split: str, index: int) -> tuple[Image.Image, str, in
 
 
 def draw_two_object_sample(
-    seed: int, split: str, index: int, foil_types=(), max_foils: int = 0
+    seed: int, split: str, index: int, foil_types=(), max_foils: int = 0, mirrored: bool = False
 ) -> tuple[Image.Image, str, list[str]]:
-    """(image, caption, foil captions) of a two-object scene, deterministic in its arguments."""
+    """(image, caption, foil captions) of a two-object scene, deterministic in its arguments.
+
+    `mirrored`: the same scene seen in a mirror, with the mirrored relation caption (a relation
+    caption is drawn for it when the scene's own caption is a negation, which a mirror leaves true).
+    """
     from clipscale.data import probe  # probe draws with this module's colours and shapes
 
     rng = random.Random(f"{seed}/{split}/{index}/two")
     scene = probe.draw_scene(rng)
     image = probe.render_scene(scene, rng)
     caption = probe.true_caption(scene, rng)
+    if mirrored:
+        image, scene = ImageOps.mirror(image), scene.mirrored()
+        relation = caption.kind == "relation"
+        caption = caption.mirrored() if relation else probe.true_relation(scene, rng)
     foils = [probe.make_foil(kind, scene, caption, rng) for kind in foil_types]
     texts = [foil.text() for foil in foils if foil is not None]
     return image, caption.text(), texts[:max_foils]
@@ -145,7 +159,11 @@ def check_hard_negatives(hard_negatives, max_hard_negatives: int, objects: int) 
 
 
 class SyntheticCaptions(Dataset):
-    """`length` samples of one split as dicts {"images", "texts", "labels"} (+ foils)."""
+    """`length` samples of one split as dicts {"images", "texts", "labels"} (+ foils).
+
+    With `mirror_pairs` an item is a scene and its mirror image: every tensor gains a leading
+    dimension of 2, and `flatten_pairs` collates items into a batch of 2 × items samples.
+    """
 
     def __init__(
         self,
@@ -157,29 +175,43 @@ class SyntheticCaptions(Dataset):
         objects: int = 1,
         foil_types: tuple = (),
         max_foils: int = 0,
+        mirror_pairs: bool = False,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+        if mirror_pairs and objects != 2:
+            raise ValueError("mirror pairs need two-object scenes (objects=2)")
         self.length, self.split, self.seed = length, split, seed
         self.transform, self.tokenizer = transform, tokenizer
         self.objects, self.foil_types, self.max_foils = objects, foil_types, max_foils
+        self.mirror_pairs = mirror_pairs
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not self.mirror_pairs:
+            return self.sample(index)
+        pair = self.sample(index), self.sample(index, mirrored=True)
+        return {key: torch.stack([pair[0][key], pair[1][key]]) for key in pair[0]}
+
+    def sample(self, index: int, mirrored: bool = False) -> dict[str, torch.Tensor]:
+        """Sample `index` (or its mirror image) as a dict of tensors."""
         foils = None
         if self.objects == 2:
             image, caption, foils = draw_two_object_sample(
-                self.seed, self.split, index, self.foil_types, self.max_foils
+                self.seed, self.split, index, self.foil_types, self.max_foils, mirrored
             )
             label = -1  # two objects: no single class
         else:
             image, caption, label = draw_sample(self.seed, self.split, index)
         # The random crop is part of the sample too: the same in every run, rank, worker and resume.
+        # A mirror sample is the original's crop, mirrored: the pair differs in its sides alone.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(zlib.crc32(f"{self.seed}/{self.split}/{index}".encode()))
-            pixels = self.transform(image)
+            pixels = self.transform(ImageOps.mirror(image) if mirrored else image)
+        if mirrored:
+            pixels = pixels.flip(-1)
         sample = {
             "images": pixels,  # [3, H, W]
             "texts": self.tokenizer([caption])[0],  # [context_length]
@@ -190,6 +222,11 @@ class SyntheticCaptions(Dataset):
             sample["foil_texts"] = self.tokenizer(foils + padding)  # [F, context_length]
             sample["foil_mask"] = torch.arange(self.max_foils) < len(foils)  # [F]
         return sample
+
+
+def flatten_pairs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Collate mirror pairs into one batch: scene 0, its mirror, scene 1, its mirror, ..."""
+    return {key: value.flatten(0, 1) for key, value in default_collate(items).items()}
 
 
 class SyntheticDataModule(L.LightningDataModule):
@@ -209,6 +246,7 @@ class SyntheticDataModule(L.LightningDataModule):
         objects: int = 1,
         hard_negatives: list[str] | None = None,
         max_hard_negatives: int = 3,
+        mirror_pairs: bool = False,
     ):
         super().__init__()
         for key, value in (
@@ -227,6 +265,16 @@ class SyntheticDataModule(L.LightningDataModule):
         self.objects = objects
         self.foil_types = check_hard_negatives(hard_negatives, max_hard_negatives, objects)
         self.max_hard_negatives = max_hard_negatives
+        if not isinstance(mirror_pairs, bool):
+            raise ValueError(f"data.mirror_pairs must be true or false, got {mirror_pairs!r}")
+        if mirror_pairs and objects != 2:
+            raise ValueError("data.mirror_pairs needs two-object scenes: set data.objects=2")
+        if mirror_pairs and batch_size % 2:
+            raise ValueError(
+                f"data.mirror_pairs puts a scene and its mirror in the same batch, so "
+                f"data.batch_size must be even, got {batch_size}"
+            )
+        self.mirror_pairs = mirror_pairs
 
     def dataset(self, split: str) -> SyntheticCaptions:
         """The train (augmenting transform) or val (deterministic transform, one object) split."""
@@ -236,21 +284,25 @@ class SyntheticDataModule(L.LightningDataModule):
         tokenizer = build_tokenizer(self.model_name)
         if not train:
             return SyntheticCaptions(length, split, self.seed, transform, tokenizer)
+        if self.mirror_pairs:  # an item is a scene and its mirror: half as many items
+            length //= 2
         return SyntheticCaptions(
             length, split, self.seed, transform, tokenizer,
-            self.objects, self.foil_types, self.max_hard_negatives,
+            self.objects, self.foil_types, self.max_hard_negatives, self.mirror_pairs,
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         """Seeded shuffle split across ranks, drop_last; a resumed run continues at its batch."""
         dataset = self.dataset("train")
+        items = self.batch_size // 2 if self.mirror_pairs else self.batch_size
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            sampler=resumable_sampler(dataset, self.batch_size, self.seed, self.trainer),
+            batch_size=items,
+            sampler=resumable_sampler(dataset, items, self.seed, self.trainer),
             drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            collate_fn=flatten_pairs if self.mirror_pairs else None,
         )
 
     def val_dataloader(self) -> DataLoader:
