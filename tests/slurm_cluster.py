@@ -225,6 +225,7 @@ class SlurmCluster:
         For a job that is requeued, `sbatch --wait` is no witness: it may poll the job in the
         moment between the requeue and the new PENDING state, take that for the end and exit 1
         while the job goes on. Call this once the requeue has been seen, and it waits for the end.
+        A relaunch the node refuses ends the job too: slurmctld.log then says why.
         """
         deadline = time.monotonic() + timeout_s
         while (fields := self.job(job_id))["JobState"] not in ENDED_STATES:

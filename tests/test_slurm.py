@@ -162,15 +162,19 @@ def test_preempted_job_requeues_and_resumes_to_the_uninterrupted_result(
     wait_for_output(output_path, HANDLERS_READY, count=2, timeout_s=150)
     time.sleep(1.0)
     subprocess.run(["scancel", "--signal=USR1", str(job_id)], check=True)
-    # SLURM holds a requeued job for 120 s (BeginTime); release it at once.
+    # SLURM holds a requeued job for 120 s (BeginTime); release it early.
     deadline = time.monotonic() + 60
     while not (slurm.job(job_id)["Restarts"] == "1" and slurm.job(job_id)["JobState"] == "PENDING"):
         assert time.monotonic() < deadline, f"job was not requeued: {slurm.job(job_id)}"
         time.sleep(0.2)
+    # Release it in a later second than the requeue: a relaunch 0.2 s after it was refused
+    # ("Killing non-startable batch JobId=3: Job credential revoked" in slurmctld.log; the job
+    # ended with exit 1 and never ran again), which SLURM's 120 s hold would have avoided.
+    time.sleep(2.0)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     returncode = slurm.wait_for_end(job_id, timeout_s=300)
     output = output_path.read_text()
-    assert returncode == 0, output[-3000:]
+    assert returncode == 0, f"{slurm.job(job_id)}\n{output[-3000:]}"
 
     assert "restart 1" in output and f"requeued SLURM job {job_id}" in output
     interrupted_step, _ = model_state(run_dir / "hpc_ckpt_1.ckpt")
