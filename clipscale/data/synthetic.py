@@ -190,28 +190,34 @@ class SyntheticCaptions(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.sample(index)
         if not self.mirror_pairs:
-            return self.sample(index)
-        pair = self.sample(index), self.sample(index, mirrored=True)
-        return {key: torch.stack([pair[0][key], pair[1][key]]) for key in pair[0]}
+            return sample
+        # The mirror's pixels are the original's crop, mirrored: the pair differs in its sides alone.
+        _, caption, foils = draw_two_object_sample(
+            self.seed, self.split, index, self.foil_types, self.max_foils, mirrored=True
+        )
+        mirror = self.encode(sample["images"].flip(-1), caption, -1, foils)
+        return {key: torch.stack([sample[key], mirror[key]]) for key in sample}
 
-    def sample(self, index: int, mirrored: bool = False) -> dict[str, torch.Tensor]:
-        """Sample `index` (or its mirror image) as a dict of tensors."""
+    def sample(self, index: int) -> dict[str, torch.Tensor]:
+        """Sample `index` as a dict of tensors."""
         foils = None
         if self.objects == 2:
             image, caption, foils = draw_two_object_sample(
-                self.seed, self.split, index, self.foil_types, self.max_foils, mirrored
+                self.seed, self.split, index, self.foil_types, self.max_foils
             )
             label = -1  # two objects: no single class
         else:
             image, caption, label = draw_sample(self.seed, self.split, index)
         # The random crop is part of the sample too: the same in every run, rank, worker and resume.
-        # A mirror sample is the original's crop, mirrored: the pair differs in its sides alone.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(zlib.crc32(f"{self.seed}/{self.split}/{index}".encode()))
-            pixels = self.transform(ImageOps.mirror(image) if mirrored else image)
-        if mirrored:
-            pixels = pixels.flip(-1)
+            pixels = self.transform(image)
+        return self.encode(pixels, caption, label, foils)
+
+    def encode(self, pixels: torch.Tensor, caption: str, label: int, foils) -> dict:
+        """The sample dict of transformed pixels, caption, label and (with foil types) foils."""
         sample = {
             "images": pixels,  # [3, H, W]
             "texts": self.tokenizer([caption])[0],  # [context_length]
