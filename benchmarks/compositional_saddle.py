@@ -5,6 +5,7 @@
     python benchmarks/compositional_saddle.py --no-hard-negatives --seed-steps 300
     python benchmarks/compositional_saddle.py --model clipscale-tiny-sincos   # the demo's model
     python benchmarks/compositional_saddle.py --model clipscale-tiny-sincos --mirror-pairs  # the demo
+    python benchmarks/compositional_saddle.py --demo-items --seed 1   # the demo's items and model
 
 The tiny model on the two-object scenes of clipscale.data.probe, trained the way
 `+experiment=demo_compositional` trains it (captions: 2/3 relation, 1/3 negation; foils:
@@ -21,6 +22,10 @@ initialisation both have almost none. Fixed 2-D sin-cos patch positions in the i
 (`--model clipscale-tiny-sincos`) give it a start, but whether and when training leaves the saddle
 then depends on the seed. `--mirror-pairs` makes half of each batch the mirror images of the other
 half, with their mirrored relation captions and their own foils (`data.mirror_pairs`).
+`--demo-items` trains instead on the items `+experiment=demo_compositional` trains on (its
+SyntheticDataModule's train split: 20,000 scenes and their mirrors, each scene's caption and foils
+fixed), in a seeded shuffle each epoch, with the model initialised from `--seed`: the CLI run
+without Lightning.
 See benchmarks/RESULTS.md for the measured runs.
 """
 
@@ -41,6 +46,7 @@ from open_clip.constants import OPENAI_DATASET_STD as STD
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipscale.data import probe  # noqa: E402
+from clipscale.data.synthetic import SyntheticDataModule  # noqa: E402
 from clipscale.eval.compositional import evaluate_compositional  # noqa: E402
 from clipscale.losses import ClipLoss  # noqa: E402
 from clipscale.models import (  # noqa: E402
@@ -88,21 +94,58 @@ def render_training_scenes(model: str, count: int, seed: int) -> dict[str, torch
     }
 
 
+def harness_batch(train: dict, args, draw: torch.Generator) -> tuple:
+    """(uint8 images, texts, left colours, foil tokens [B, 2, L], foil mask [B, 2]) of one step."""
+    scenes = args.batch // 2 if args.mirror_pairs else args.batch
+    rows = torch.randint(args.samples, (scenes,), generator=draw)
+    negation = torch.rand(scenes, generator=draw) < 1 / 3
+    texts, images = train["captions"][rows, negation.long()], train["images"][rows]
+    left_colour = train["left_colour"][rows, 0]
+    foil_tokens = train["foils"][rows]
+    if args.mirror_pairs:  # the mirrors always carry a relation caption
+        texts = torch.cat([texts, train["mirror_captions"][rows]])
+        images = torch.cat([images, images.flip(-1)])
+        left_colour = torch.cat([left_colour, train["left_colour"][rows, 1]])
+        foil_tokens = torch.cat([foil_tokens, train["mirror_foils"][rows]])
+        negation = torch.cat([negation, torch.zeros_like(negation)])
+    # foils apply to relation captions only
+    return texts, images, left_colour, foil_tokens, (~negation)[:, None].expand(-1, 2)
+
+
+def demo_items(model: str, scenes: int, seed: int, hard_negatives: bool) -> dict:
+    """The demo recipe's training items (mirror pairs), stacked: every tensor [scenes, 2, ...]."""
+    foils = ["attribute_swap", "relation_swap"] if hard_negatives else None
+    data = SyntheticDataModule(model, 128, 0, 2 * scenes, 64, seed, 2, foils, 3, True)
+    items = data.dataset("train")
+    items = [items[index] for index in range(len(items))]
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=MODEL, help="clipscale-tiny or clipscale-tiny-sincos")
+    parser.add_argument(
+        "--model", help="clipscale-tiny (default) or clipscale-tiny-sincos (default: --demo-items)"
+    )
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seed-steps", type=int, default=0, help="steps with the left-colour head")
     parser.add_argument("--no-hard-negatives", action="store_true")
     parser.add_argument("--mirror-pairs", action="store_true", help="each scene + its mirror")
+    parser.add_argument("--demo-items", action="store_true", help="the demo recipe's own items")
     parser.add_argument("--samples", type=int, default=20000, help="training scenes rendered")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.demo_items and (args.seed_steps or args.mirror_pairs):
+        parser.error("--demo-items trains on the demo's mirror pairs, without the left-colour head")
+    args.model = args.model or ("clipscale-tiny-sincos" if args.demo_items else MODEL)
 
+    if args.demo_items:
+        train = demo_items(args.model, args.samples, args.seed, not args.no_hard_negatives)
+        epoch = torch.empty(0, dtype=torch.long)  # scene order, drawn afresh each epoch
+    else:
+        train = render_training_scenes(args.model, args.samples, args.seed)
     torch.manual_seed(args.seed)
-    train = render_training_scenes(args.model, args.samples, args.seed)
     probe_dir = probe.builtin_probe_dir()  # the probe training scores (500 per type)
     eval_transform, tokenizer = build_transforms(args.model, False), build_tokenizer(args.model)
     model = build_model(args.model)
@@ -114,25 +157,22 @@ def main() -> None:
     draw = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        scenes = args.batch // 2 if args.mirror_pairs else args.batch
-        rows = torch.randint(args.samples, (scenes,), generator=draw)
-        negation = torch.rand(scenes, generator=draw) < 1 / 3
-        texts, images = train["captions"][rows, negation.long()], train["images"][rows]
-        left_colour = train["left_colour"][rows, 0]
-        foil_tokens = train["foils"][rows]  # [B, 2, L]
-        if args.mirror_pairs:  # the mirrors always carry a relation caption
-            texts = torch.cat([texts, train["mirror_captions"][rows]])
-            images = torch.cat([images, images.flip(-1)])
-            left_colour = torch.cat([left_colour, train["left_colour"][rows, 1]])
-            foil_tokens = torch.cat([foil_tokens, train["mirror_foils"][rows]])
-            negation = torch.cat([negation, torch.zeros_like(negation)])
-        image_features = F.normalize(
-            model.encode_image(normalize_images(images, MEAN, STD)), dim=-1
-        )
+        if args.demo_items:  # 64 scenes + their mirrors, with the CLI's captions and foils
+            if epoch.numel() < args.batch // 2:
+                epoch = torch.randperm(args.samples, generator=draw)
+            rows, epoch = epoch[: args.batch // 2], epoch[args.batch // 2 :]
+            batch = {key: value[rows].flatten(0, 1) for key, value in train.items()}
+            texts, images, left_colour = batch["texts"], batch["images"], None
+            foil_tokens, foil_mask = batch.get("foil_texts"), batch.get("foil_mask")
+        else:
+            texts, images, left_colour, foil_tokens, foil_mask = harness_batch(train, args, draw)
+        if images.dtype == torch.uint8:
+            images = normalize_images(images, MEAN, STD)
+        image_features = F.normalize(model.encode_image(images), dim=-1)
         foils = None
-        if not args.no_hard_negatives:  # foils apply to relation captions only
+        if not args.no_hard_negatives:
             foil_features = F.normalize(model.encode_text(foil_tokens.flatten(0, 1)), dim=-1)
-            foils = (foil_features.view(args.batch, 2, -1), (~negation)[:, None].expand(-1, 2))
+            foils = (foil_features.view(*foil_tokens.shape[:2], -1), foil_mask)
         text_features = F.normalize(model.encode_text(texts), dim=-1)
         loss = loss_fn(image_features, text_features, model.logit_scale.exp(), foils=foils)
         if step <= args.seed_steps:
