@@ -140,12 +140,12 @@ def main() -> None:
         parser.error("--demo-items trains on the demo's mirror pairs, without the left-colour head")
     args.model = args.model or ("clipscale-tiny-sincos" if args.demo_items else MODEL)
 
-    if args.demo_items:
+    torch.manual_seed(args.seed)  # (rendering reseeds torch for each scene's crop)
+    if args.demo_items:  # the data module forks the RNG: the model is initialised from --seed
         train = demo_items(args.model, args.samples, args.seed, not args.no_hard_negatives)
         epoch = torch.empty(0, dtype=torch.long)  # scene order, drawn afresh each epoch
     else:
         train = render_training_scenes(args.model, args.samples, args.seed)
-    torch.manual_seed(args.seed)
     probe_dir = probe.builtin_probe_dir()  # the probe training scores (500 per type)
     eval_transform, tokenizer = build_transforms(args.model, False), build_tokenizer(args.model)
     model = build_model(args.model)
