@@ -140,8 +140,11 @@ def main() -> None:
         parser.error("--demo-items trains on the demo's mirror pairs, without the left-colour head")
     args.model = args.model or ("clipscale-tiny-sincos" if args.demo_items else MODEL)
 
-    torch.manual_seed(args.seed)  # (rendering reseeds torch for each scene's crop)
-    if args.demo_items:  # the data module forks the RNG: the model is initialised from --seed
+    # Rendering reseeds torch for each scene's crop, so the harness's model starts from the last
+    # scene's seed (kept: runs print what they always did). The data module forks the RNG instead,
+    # so with --demo-items the model starts from --seed.
+    torch.manual_seed(args.seed)
+    if args.demo_items:
         train = demo_items(args.model, args.samples, args.seed, not args.no_hard_negatives)
         epoch = torch.empty(0, dtype=torch.long)  # scene order, drawn afresh each epoch
     else:
