@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from open_clip.constants import OPENAI_DATASET_MEAN as MEAN
 from open_clip.constants import OPENAI_DATASET_STD as STD
 
@@ -59,6 +60,9 @@ from clipscale.module import MAX_LOGIT_SCALE  # noqa: E402
 from clipscale.optim import parameter_groups, warmup_cosine  # noqa: E402
 
 MODEL = "clipscale-tiny"
+DEMO_RECIPE = OmegaConf.load(
+    Path(__file__).resolve().parents[1] / "configs/experiment/demo_compositional.yaml"
+)
 COLOURS = list(probe.COLOURS)
 
 
@@ -113,10 +117,21 @@ def harness_batch(train: dict, args, draw: torch.Generator) -> tuple:
 
 
 def demo_items(model: str, scenes: int, seed: int, hard_negatives: bool) -> dict:
-    """The demo recipe's training items (mirror pairs), stacked: every tensor [scenes, 2, ...]."""
-    foils = ["attribute_swap", "relation_swap"] if hard_negatives else None
-    data = SyntheticDataModule(model, 128, 0, 2 * scenes, 64, seed, 2, foils, 3, True)
-    items = data.dataset("train")
+    """The demo recipe's training items (mirror pairs), stacked: every tensor [scenes, 2, ...].
+
+    The data keys come from the recipe itself, so the items follow it if it changes.
+    """
+    data = DEMO_RECIPE.data
+    module = SyntheticDataModule(
+        model,
+        train_samples=2 * scenes,
+        seed=seed,
+        objects=data.objects,
+        hard_negatives=list(data.hard_negatives) if hard_negatives else None,
+        max_hard_negatives=data.max_hard_negatives,
+        mirror_pairs=data.mirror_pairs,
+    )
+    items = module.dataset("train")
     items = [items[index] for index in range(len(items))]
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
@@ -138,7 +153,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.demo_items and (args.seed_steps or args.mirror_pairs):
         parser.error("--demo-items trains on the demo's mirror pairs, without the left-colour head")
-    args.model = args.model or ("clipscale-tiny-sincos" if args.demo_items else MODEL)
+    args.model = args.model or (DEMO_RECIPE.model.name if args.demo_items else MODEL)
 
     # Rendering reseeds torch for each scene's crop, so the harness's model starts from the last
     # scene's seed (kept: runs print what they always did). The data module forks the RNG instead,
