@@ -50,6 +50,10 @@ class Thing:
     def __str__(self) -> str:
         return f"{self.colour} {self.shape}"
 
+    def with_article(self) -> str:
+        """ "a red circle", "an orange square": the indefinite article the colour's sound takes."""
+        return f"{'an' if self.colour[0] in 'aeiou' else 'a'} {self}"
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -90,8 +94,8 @@ class Statement:
     def text(self) -> str:
         """The caption."""
         if self.kind == "relation":
-            return f"a {self.first} {self.side} of a {self.second}"
-        return f"a {self.first} and no {self.second}"
+            return f"{self.first.with_article()} {self.side} of {self.second.with_article()}"
+        return f"{self.first.with_article()} and no {self.second}"
 
     def mirrored(self) -> Statement:
         """The relation with its side reversed: true of the mirrored scene where this one holds."""

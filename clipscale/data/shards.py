@@ -445,8 +445,10 @@ def main(argv: list[str] | None = None) -> None:
         sizes, skipped = write_shards(
             pairs, args.output, args.samples_per_shard, args.resize, args.workers
         )
+    samples, shards = sum(sizes.values()), len(sizes)
     print(
-        f"wrote {sum(sizes.values())} samples in {len(sizes)} shards to {args.output}; left out {len(skipped)}"
+        f"wrote {samples} sample{'s' * (samples != 1)} in {shards} shard{'s' * (shards != 1)} "
+        f"to {args.output}; left out {len(skipped)}"
     )
     if skipped:
         print(
