@@ -13,15 +13,19 @@ Two ways to skip, because reading a device flag on the host waits for the GPU ev
   that batch.
 - device path (CUDA with a fused optimizer, e.g. AdamW(fused=True)): the flag is handed to the
   optimizer as `found_inf`, the tensor GradScaler uses, and the fused kernel skips the update (and
-  takes back its step count) on the device. The host never waits; it reads the counters only every
-  `trainer.log_every_n_steps` steps, so the stop comes at that interval. Trade-off: the scheduler
-  cannot know, so it still steps and the LR schedule runs on by one step per skipped step.
+  takes back its step count) on the device. The host never waits; it reads the counters only at
+  logging steps, so the stop comes at the next one. The first step at which a streak reached the
+  limit is recorded on the device, so a streak that ended between two checks still stops the run,
+  with the host path's message. Trade-off: the scheduler cannot know, so it still steps and the LR
+  schedule runs on by one step per skipped step.
 Either way Lightning's global_step counts the skipped batch as a step, so max_steps and periodic
 checkpoints stay in batches. Under 16-mixed the GradScaler already skips steps with Inf/NaN
 gradients (and overflow is routine for it), so the guard then checks only the loss.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -62,10 +66,16 @@ class NonFiniteGuard:
                 ">= 1 (non-finite steps in a row before the run stops); the default is 10"
             )
         self.max_consecutive = max_consecutive_nonfinite
-        # Python numbers on the host path; device tensors once the device path is in use.
+        # Python numbers until the first step, then 0-d tensors on the flag's device (the device
+        # path never reads them between checks).
         self.skipped_steps: int | torch.Tensor = 0
         self.consecutive: int | torch.Tensor = 0
         self.last_finite_loss: float | torch.Tensor = float("nan")
+        # Where a streak first reached the limit (-1: not yet) and the last finite loss before it:
+        # the device path reads the counters only at checks, and a streak that ended between two
+        # checks must still stop the run there.
+        self.limit_step: int | torch.Tensor = -1
+        self.limit_loss: float | torch.Tensor = float("nan")
 
     def state_dict(self) -> dict:
         """The counters as Python numbers (a checkpoint is a logging point: one read is fine)."""
@@ -73,6 +83,8 @@ class NonFiniteGuard:
             "skipped_steps": int(self.skipped_steps),
             "consecutive": int(self.consecutive),
             "last_finite_loss": float(self.last_finite_loss),
+            "limit_step": int(self.limit_step),
+            "limit_loss": float(self.limit_loss),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -80,6 +92,8 @@ class NonFiniteGuard:
         self.skipped_steps = int(state["skipped_steps"])
         self.consecutive = int(state["consecutive"])
         self.last_finite_loss = float(state["last_finite_loss"])
+        self.limit_step = int(state.get("limit_step", -1))  # absent in older checkpoints
+        self.limit_loss = float(state.get("limit_loss", float("nan")))
 
     def step(
         self,
@@ -90,29 +104,30 @@ class NonFiniteGuard:
         *,
         on_device: bool = False,
         loss_only: bool = False,
-        check_every: int = 1,
+        check: bool = True,
     ) -> bool:
         """optimizer.step() and scheduler.step() unless this step is non-finite on some rank.
 
         `optimizer` is a torch optimizer or Lightning's wrapper of one; `step` the 0-based index of
-        this update (Lightning's global_step). Returns False when the host knows the step was
-        skipped (the caller then leaves the logit scale alone); the device path returns True.
+        this update (Lightning's global_step). `check`: on the device path, read the counters
+        now and stop if a streak reached the limit since the last check (the host path checks
+        every step). Returns False when the host knows the step was skipped (the caller then
+        leaves the logit scale alone); the device path returns True.
         """
         inner = getattr(optimizer, "optimizer", optimizer)
         gradients = [] if loss_only else _gradients(inner)
         flag = nonfinite_flag(loss, gradients)
+        self._count(flag, loss, step)
         if on_device and supports_device_skip(inner):
-            self._device_step(flag, loss, optimizer, inner, scheduler, step, check_every, loss_only)
+            self._device_step(flag, optimizer, inner, scheduler, loss_only)
+            if check:
+                self._stop_if_diverged()
             return True
         if not bool(flag):  # host path: the one wait for the device
-            self.consecutive = 0
-            self.last_finite_loss = float(loss)
             optimizer.step()
             scheduler.step()
             return True
-        self.skipped_steps += 1
-        self.consecutive += 1
-        self._stop_if_diverged(step)
+        self._stop_if_diverged()
         if not loss_only:
             # No gradient, no update: AdamW skips parameters without .grad (moments, step count and
             # weight decay untouched). optimizer.step() still runs so Lightning counts the step.
@@ -121,18 +136,28 @@ class NonFiniteGuard:
         optimizer.step()
         return False
 
-    def _device_step(
-        self, flag, loss, optimizer, inner, scheduler, step, check_every, loss_only
-    ) -> None:
-        """The fused kernel skips the update when found_inf is 1; counters stay on the device."""
+    def _count(self, flag: torch.Tensor, loss: torch.Tensor, step: int) -> None:
+        """Update the counters with device arithmetic only (nothing here waits for the device)."""
         if not isinstance(self.skipped_steps, torch.Tensor):
-            self.skipped_steps = torch.tensor(float(self.skipped_steps), device=flag.device)
-            self.consecutive = torch.tensor(float(self.consecutive), device=flag.device)
-            self.last_finite_loss = torch.tensor(float(self.last_finite_loss), device=flag.device)
+            as_tensor = functools.partial(torch.tensor, dtype=torch.float64, device=flag.device)
+            self.skipped_steps, self.consecutive, self.limit_step = (
+                as_tensor(float(value))
+                for value in (self.skipped_steps, self.consecutive, self.limit_step)
+            )
+            self.last_finite_loss = as_tensor(float(self.last_finite_loss))
+            self.limit_loss = as_tensor(float(self.limit_loss))
+        flag = flag.to(self.consecutive.dtype)
         self.skipped_steps = self.skipped_steps + flag
         self.consecutive = (self.consecutive + flag) * flag  # resets to 0 on a finite step
-        finite_loss = loss.detach().float().reshape(())
+        finite_loss = loss.detach().to(self.last_finite_loss.dtype).reshape(())
         self.last_finite_loss = torch.where(flag > 0, self.last_finite_loss, finite_loss)
+        # The first time a streak reaches the limit is where the host path stops.
+        reached = (self.consecutive >= self.max_consecutive) & (self.limit_step < 0)
+        self.limit_step = torch.where(reached, float(step), self.limit_step)
+        self.limit_loss = torch.where(reached, self.last_finite_loss, self.limit_loss)
+
+    def _device_step(self, flag, optimizer, inner, scheduler, loss_only) -> None:
+        """The fused kernel skips the update when found_inf is 1; counters stay on the device."""
         # A GradScaler (16-mixed, loss_only) sets and deletes its own found_inf in its step.
         if not loss_only:
             inner.found_inf = flag
@@ -143,16 +168,14 @@ class NonFiniteGuard:
         else:
             optimizer.step()
         scheduler.step()
-        if (step + 1) % check_every == 0:
-            self._stop_if_diverged(step)
 
-    def _stop_if_diverged(self, step: int) -> None:
-        consecutive = int(self.consecutive)
-        if consecutive >= self.max_consecutive:
+    def _stop_if_diverged(self) -> None:
+        limit_step = int(self.limit_step)
+        if limit_step >= 0:
             raise NonFiniteError(
-                f"{consecutive} non-finite steps in a row (loss or gradients NaN/Inf), the last at "
-                f"step {step}; last finite loss {float(self.last_finite_loss):.6g}. Training "
-                "stopped (guard.max_consecutive_nonfinite="
+                f"{self.max_consecutive} non-finite steps in a row (loss or gradients NaN/Inf), "
+                f"the last at step {limit_step}; last finite loss {float(self.limit_loss):.6g}. "
+                "Training stopped (guard.max_consecutive_nonfinite="
                 f"{self.max_consecutive}); the checkpoints written so far hold finite weights: "
                 "resume from one with a lower optim.optimizer.lr or more optim.warmup_steps"
             )
@@ -166,10 +189,9 @@ def _gradients(optimizer) -> list[torch.Tensor]:
 
 def guard_options(trainer) -> dict:
     """NonFiniteGuard.step's keyword arguments for this Lightning trainer: the device path on CUDA,
-    the loss alone under a GradScaler (16-mixed), the stop check at the logging interval."""
+    the loss alone under a GradScaler (16-mixed)."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return {
         "on_device": trainer.strategy.root_device.type == "cuda",
         "loss_only": scaler is not None,
-        "check_every": max(1, int(trainer.log_every_n_steps or 1)),
     }

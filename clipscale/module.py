@@ -273,7 +273,12 @@ class CLIPModule(L.LightningModule):
         # optimizer.step() (clipping happens in on_before_optimizer_step, after fp16 unscaling) and
         # scheduler.step(), unless the loss or a gradient is NaN/Inf on some rank.
         stepped = self.guard.step(
-            loss, optimizer, scheduler, self.global_step, **guard_options(self.trainer)
+            loss,
+            optimizer,
+            scheduler,
+            self.global_step,
+            check=is_logging_step(self.trainer),  # the device path reads its counters only then
+            **guard_options(self.trainer),
         )
         if stepped:
             with torch.no_grad():

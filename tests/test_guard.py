@@ -126,9 +126,8 @@ def nan_steps(guard: NonFiniteGuard, losses: list[float], device_path=False, eve
         optimizer.zero_grad()
         loss = model(torch.ones(1, 2)).sum() * 0 + value
         loss.backward()
-        guard.step(
-            loss.detach(), optimizer, scheduler, step, on_device=device_path, check_every=every
-        )
+        check = (step + 1) % every == 0  # as the module checks at logging steps
+        guard.step(loss.detach(), optimizer, scheduler, step, on_device=device_path, check=check)
 
 
 def test_consecutive_nonfinite_steps_stop_with_the_step_and_last_finite_loss():
@@ -148,18 +147,46 @@ def test_a_restored_guard_continues_the_streak_and_the_total():
     nan_steps(guard, [1.0, nan, 0.75, nan, nan])
     restored = NonFiniteGuard(max_consecutive_nonfinite=3)
     restored.load_state_dict(guard.state_dict())
-    assert restored.state_dict() == {"skipped_steps": 3, "consecutive": 2, "last_finite_loss": 0.75}
+    assert restored.state_dict() == {
+        "skipped_steps": 3,
+        "consecutive": 2,
+        "last_finite_loss": 0.75,
+        "limit_step": -1,
+        "limit_loss": pytest.approx(float("nan"), nan_ok=True),
+    }
     with pytest.raises(NonFiniteError, match="3 non-finite steps in a row.*last finite loss 0.75"):
         nan_steps(restored, [nan], first_step=5)
 
 
 def test_device_path_stops_at_the_check_interval():
-    """No host read each step: the stop comes at the next multiple of check_every."""
+    """No host read each step: the stop comes at the next check, naming where the limit was hit."""
     guard = NonFiniteGuard(max_consecutive_nonfinite=2)
     nan = float("nan")
     nan_steps(guard, [0.5, nan, nan], device_path=True, every=4)  # 2 in a row, not yet read
-    with pytest.raises(NonFiniteError, match="3 non-finite steps in a row.*last finite loss 0.5"):
+    with pytest.raises(
+        NonFiniteError, match="2 non-finite steps in a row.*at step 2; last finite loss 0.5"
+    ):
         nan_steps(guard, [nan], device_path=True, every=4, first_step=3)  # step 3 is read
+
+
+def test_device_path_stops_for_a_streak_that_ended_between_two_checks():
+    """The review's case: limit 3, a check every 10 steps, 6 non-finite steps then finite ones.
+    The host path stops at step 3; the device path stops at its next check (step 9) with the
+    same message, although the streak was over by then."""
+    nan = float("nan")
+    losses = [1.25] + [nan] * 6 + [0.5] * 5
+    errors = {}
+    for device_path in (False, True):
+        with pytest.raises(NonFiniteError) as error:
+            nan_steps(NonFiniteGuard(3), losses, device_path=device_path, every=10)
+        errors[device_path] = str(error.value)
+    assert errors[False].startswith("3 non-finite steps in a row")
+    assert "at step 3; last finite loss 1.25" in errors[False]
+    assert errors[True] == errors[False]
+    # ...and the device path did not stop before its check: steps 0..8 run without an error.
+    guard = NonFiniteGuard(3)
+    nan_steps(guard, losses[:9], device_path=True, every=10)
+    assert guard.skipped_steps == 6 and guard.consecutive == 0
 
 
 def test_bad_limit_names_the_key():
