@@ -138,7 +138,12 @@ def cached_backward(
     extra = {} if foils is None else {"foils": (leaves[2], foils[1])}
     loss = loss_fn(leaves[0], leaves[1], *logit_params(model), **extra)
     backward(loss)  # grads reach logit_scale (and logit_bias) here, once
-    grads = [leaf.grad.split(chunk_size) for leaf in leaves]
+    # A leaf the loss did not use has no gradient; its gradient is zero. (SigLIP adds foil terms
+    # only when some rank has a valid foil, so without one the foil leaf is left out.)
+    grads = [
+        (torch.zeros_like(leaf) if leaf.grad is None else leaf.grad).split(chunk_size)
+        for leaf in leaves
+    ]
 
     # Pass 2: re-encode each chunk with graph and push its slice of the cached gradient through.
     for index in range(len(image_chunks)):
