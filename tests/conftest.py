@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from clipscale.train import CONFIG_DIR
+from tests.slurm_cluster import slurm  # noqa: F401 (one SLURM cluster per session)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

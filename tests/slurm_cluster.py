@@ -1,29 +1,34 @@
-"""A real one-node SLURM cluster for the tests: installed, started and stopped by this module.
+"""A real SLURM cluster of one or more nodes for the tests, on this one machine.
 
-`SlurmCluster.start()` writes /etc/slurm/slurm.conf (keeping any file that was there), starts
-munged if no munge daemon answers, then slurmctld and slurmd with their state, spool, logs and pid
-files in a private folder. `stop()` cancels the jobs left, stops the daemons it started by the pids
-in their pid files and puts the configuration back. /etc/slurm/slurm.conf is a fixed path and
-slurmctld listens on fixed ports, so one cluster runs per machine: an exclusive lock on
-`LOCK_PATH` makes a second test session wait instead of taking over the first one's daemons.
+`SlurmCluster.start()` runs `scripts/slurm/local_cluster.sh up N` (the script users run to try the
+multi-node path): one slurmd per node, each in its own UTS namespace with its node name as hostname
+and its own loopback port, /etc/slurm/slurm.conf written and one /etc/hosts line added. `stop()`
+runs `local_cluster.sh down`: jobs cancelled, daemons stopped by their pid files, both files put
+back. /etc/slurm/slurm.conf is a fixed path and slurmctld listens on a fixed port, so one cluster
+runs per machine: an exclusive lock on `LOCK_PATH` makes a second test session wait instead of
+taking over the first one's daemons. The `slurm` fixture below is one 2-node cluster for the whole
+test session (tests/conftest.py registers it), shared by tests/test_slurm.py (one-node jobs) and
+tests/test_multinode.py.
 """
 
 import fcntl
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "ci_install_slurm.sh"
-SLURM_CONF = Path("/etc/slurm/slurm.conf")
+CLUSTER_SCRIPT = REPO_ROOT / "scripts" / "slurm" / "local_cluster.sh"
 LOCK_PATH = Path("/tmp/clipscale-slurm-cluster.lock")
-MUNGE_DIRS = ("/run/munge", "/var/log/munge", "/var/lib/munge")
+NODES = 2
 # Base job states after which a job does not run again (scontrol's JobState names).
 ENDED_STATES = {
     "COMPLETED",
@@ -36,6 +41,8 @@ ENDED_STATES = {
     "DEADLINE",
     "OUT_OF_MEMORY",
 }
+# Lightning's line once a rank's signal handling is set up (clipscale's requeue handler comes first).
+HANDLERS_READY = "SLURM auto-requeueing enabled. Setting signal handlers."
 BINARIES = ("sbatch", "srun", "scontrol", "scancel", "sinfo", "slurmctld", "slurmd", "munged")
 
 
@@ -48,6 +55,8 @@ def unavailable_reason() -> str | None:
         )
     if os.geteuid() != 0:
         return "SLURM tests start slurmctld/slurmd and write /etc/slurm: they need root"
+    if shutil.which("unshare") is None:
+        return "the local SLURM nodes run in UTS namespaces: unshare (util-linux) is missing"
     if all(shutil.which(name) for name in BINARIES):
         return None
     if shutil.which("apt-get") is None:
@@ -61,51 +70,6 @@ def install() -> None:
         subprocess.run(["bash", str(INSTALL_SCRIPT)], check=True, capture_output=True, text=True)
 
 
-def _node_line() -> str:
-    """This machine's NodeName line from `slurmd -C`, memory lowered so the node registers."""
-    first_line = subprocess.run(
-        ["slurmd", "-C"], check=True, capture_output=True, text=True
-    ).stdout.splitlines()[0]
-    # slurmd drains a node whose measured memory is below the configured one; leave 5% of room.
-    memory = int(re.search(r"RealMemory=(\d+)", first_line).group(1))
-    return re.sub(r"RealMemory=\d+", f"RealMemory={int(memory * 0.95)}", first_line)
-
-
-def _slurm_conf(state_dir: Path) -> str:
-    """The slurm.conf text for one node running jobs as root, all state under `state_dir`."""
-    return "\n".join(
-        [
-            "ClusterName=clipscale-test",
-            f"SlurmctldHost={socket.gethostname()}",
-            "SlurmUser=root",
-            "SlurmdUser=root",
-            "AuthType=auth/munge",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core",
-            "MpiDefault=none",
-            "ReturnToService=2",
-            # Without it a job asking for more CPUs than the node has pends forever.
-            "EnforcePartLimits=ALL",
-            "MailProg=/bin/true",
-            # Seconds between SIGTERM and SIGKILL when a job is requeued or cancelled.
-            "KillWait=10",
-            f"StateSaveLocation={state_dir}/state",
-            f"SlurmdSpoolDir={state_dir}/spool",
-            f"SlurmctldPidFile={state_dir}/slurmctld.pid",
-            f"SlurmdPidFile={state_dir}/slurmd.pid",
-            f"SlurmctldLogFile={state_dir}/slurmctld.log",
-            f"SlurmdLogFile={state_dir}/slurmd.log",
-            _node_line(),
-            "PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
-            "",
-        ]
-    )
-
-
 def _munge_answers() -> bool:
     """Whether a munge daemon is running and credentials round-trip."""
     encode = subprocess.run(["munge", "-n"], capture_output=True)
@@ -114,93 +78,90 @@ def _munge_answers() -> bool:
     return subprocess.run(["unmunge"], input=encode.stdout, capture_output=True).returncode == 0
 
 
-def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    """Poll `predicate` every 0.2 s until it is true; raise naming `what` after `timeout_s`."""
+def job_env(job_dir: Path) -> dict[str, str]:
+    """The submitting environment jobs inherit: this interpreter, this checkout, offline wandb."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO_ROOT),
+        "CLIPSCALE_RUNS": str(job_dir / "runs"),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+    }
+
+
+def model_state(checkpoint: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """(global step, model parameters) of a Lightning checkpoint."""
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    return payload["global_step"], payload["state_dict"]
+
+
+def wait_for_output(path: Path, text: str, count: int, timeout_s: float) -> None:
+    """Poll a job's output file until `text` appears `count` times."""
     deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"SLURM test cluster: {what} not reached within {timeout_s} s")
+    while not (path.exists() and path.read_text().count(text) >= count):
+        assert time.monotonic() < deadline, f"{text!r} not seen {count}× in {path} in {timeout_s} s"
         time.sleep(0.2)
 
 
-def _stop_pid_file(pid_file: Path, timeout_s: float = 10.0) -> None:
-    """SIGTERM the process named in `pid_file` and wait for it to exit (SIGKILL after `timeout_s`)."""
-    if not pid_file.exists():
-        return
-    pid = int(pid_file.read_text().split()[0])
-    try:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)
-            time.sleep(0.1)
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+@dataclass
+class TrainingJob:
+    """A finished training job: its id, exit code, output text and run directory."""
+
+    job_id: int
+    returncode: int
+    output: str
+    run_dir: Path
 
 
 @dataclass
 class SlurmCluster:
-    """A single-node SLURM cluster whose daemons keep their files under `state_dir`."""
+    """A SLURM cluster of `nodes` nodes (node1, node2, ...) whose daemons keep their files in `state_dir`."""
 
     state_dir: Path
-    started_munge: bool = False
+    nodes: int = NODES
     _lock_file: object = None
-    _saved_conf: bytes | None = None
-    _pid_files: list[Path] = field(default_factory=list)
+
+    def _script(self, *args: str) -> None:
+        """Run local_cluster.sh with this cluster's state folder; its error line on failure."""
+        result = subprocess.run(
+            ["bash", str(CLUSTER_SCRIPT), *args],
+            env={**os.environ, "CLIPSCALE_SLURM_STATE": str(self.state_dir)},
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"local_cluster.sh {' '.join(args)}: {result.stderr.strip()}")
 
     def start(self) -> None:
-        """Take the machine lock, write the configuration and start munged, slurmctld, slurmd."""
+        """Take the machine lock and bring the nodes up (idle in sinfo)."""
         self._lock_file = open(LOCK_PATH, "w")  # noqa: SIM115 (held until stop())
         fcntl.flock(self._lock_file, fcntl.LOCK_EX)
-        for sub in ("state", "spool"):
-            (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
-        self._start_munge()
-        self._saved_conf = SLURM_CONF.read_bytes() if SLURM_CONF.exists() else None
-        SLURM_CONF.parent.mkdir(parents=True, exist_ok=True)
-        SLURM_CONF.write_text(_slurm_conf(self.state_dir))
-        # -c: forget jobs from any earlier state; -i: ignore unreadable state files.
-        subprocess.run(["slurmctld", "-c", "-i"], check=True)
-        self._pid_files.append(self.state_dir / "slurmctld.pid")
-        subprocess.run(["slurmd"], check=True)
-        self._pid_files.append(self.state_dir / "slurmd.pid")
-        _wait_for(self._node_idle, 30, "node state 'idle' in sinfo")
-
-    def _start_munge(self) -> None:
-        """Start munged as the munge user unless a running one already answers."""
-        if _munge_answers():
-            return
-        for directory in MUNGE_DIRS:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-        # munged refuses ("Logfile is insecure") to run as munge with files root once created.
-        subprocess.run(["chown", "-R", "munge:munge", *MUNGE_DIRS], check=True)
-        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
-        self.started_munge = True
-        _wait_for(_munge_answers, 10, "munge credential round trip")
-
-    def _node_idle(self) -> bool:
-        """Whether sinfo reports the node idle (registered and ready for jobs)."""
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
-        return out.returncode == 0 and out.stdout.strip() == "idle"
+        self._script("up", str(self.nodes))
 
     def stop(self) -> None:
-        """Cancel remaining jobs, stop the daemons this cluster started, restore slurm.conf."""
-        if self._pid_files:
-            subprocess.run(["scancel", "--full", "--user=root"], capture_output=True)
-            _wait_for(lambda: not self.job_ids(), 30, "no jobs left after scancel")
-        for pid_file in reversed(self._pid_files):
-            _stop_pid_file(pid_file)
-        self._pid_files.clear()
-        if self.started_munge:
-            _stop_pid_file(Path("/run/munge/munged.pid"))
-            self.started_munge = False
-        if self._saved_conf is not None:
-            SLURM_CONF.write_bytes(self._saved_conf)
-        elif SLURM_CONF.exists():
-            SLURM_CONF.unlink()
-        if self._lock_file is not None:
-            self._lock_file.close()  # closing releases the flock
-            self._lock_file = None
+        """Cancel remaining jobs, stop the daemons, restore slurm.conf and /etc/hosts, unlock."""
+        try:
+            self._script("down")
+        finally:
+            if self._lock_file is not None:
+                self._lock_file.close()  # closing releases the flock
+                self._lock_file = None
+
+    def kill_node(self, node: str) -> None:
+        """SIGKILL every process of `node`: its slurmd, job step daemons and tasks."""
+        self._script("kill-node", node)
+
+    def start_node(self, node: str) -> None:
+        """Start `node`'s slurmd again; SLURM returns it to service when it registers."""
+        self._script("start-node", node)
+
+    def node_state(self, node: str) -> str:
+        """The node's state as sinfo prints it (idle, alloc, down*, ...)."""
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-n", node, "-o", "%t"], capture_output=True, text=True
+        )
+        return out.stdout.strip()
 
     def job_ids(self) -> list[int]:
         """Ids of the jobs the controller still lists as pending or running."""
@@ -234,6 +195,55 @@ class SlurmCluster:
         code, by_signal = (int(part) for part in fields["ExitCode"].split(":"))
         return 1 if by_signal else code
 
+    def release_requeued(self, job_id: int, restarts: int, timeout_s: float = 120) -> None:
+        """Wait until the job is requeued (`restarts` so far, PENDING), then let it start now.
+
+        SLURM holds a requeued job for 120 s (BeginTime). The release comes in a later second
+        than the requeue: a relaunch 0.2 s after it was refused ("Killing non-startable batch
+        JobId=3: Job credential revoked" in slurmctld.log; the job ended with exit 1).
+        """
+        deadline = time.monotonic() + timeout_s
+        while not (
+            (job := self.job(job_id))["Restarts"] == str(restarts) and job["JobState"] == "PENDING"
+        ):
+            assert time.monotonic() < deadline, f"job was not requeued: {job}"
+            time.sleep(0.2)
+        time.sleep(2.0)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+    def train(self, script: Path, options: list[str], overrides: list[str], job_dir: Path,
+              timeout_s: float = 300) -> TrainingJob:  # fmt: skip
+        """sbatch --wait OPTIONS SCRIPT OVERRIDES from `job_dir`; the finished job."""
+        job = self.submit(
+            [*options, "--output=%j.out", str(script), *overrides], job_dir, job_env(job_dir)
+        )
+        job_id = int(job.stdout.readline())
+        returncode = job.wait(timeout=timeout_s)
+        output = (job_dir / f"{job_id}.out").read_text()
+        return TrainingJob(job_id, returncode, output, job_dir / "runs" / f"slurm-{job_id}")
+
+    def start_training(self, script: Path, options: list[str], overrides: list[str],
+                       job_dir: Path, ranks: int) -> TrainingJob:  # fmt: skip
+        """Submit without waiting; return once all `ranks` ranks can take the requeue signal."""
+        # sbatch --wait is no witness for a job that requeues (see wait_for_end).
+        job = self.submit(
+            [*options, "--output=%j.out", str(script), *overrides],
+            job_dir,
+            job_env(job_dir),
+            wait=False,
+        )
+        job_id = int(job.stdout.readline())
+        job.wait(timeout=30)
+        output_path = job_dir / f"{job_id}.out"
+        wait_for_output(output_path, HANDLERS_READY, count=ranks, timeout_s=240)
+        return TrainingJob(job_id, -1, "", job_dir / "runs" / f"slurm-{job_id}")
+
+    def finish(self, job: TrainingJob, job_dir: Path, timeout_s: float = 300) -> TrainingJob:
+        """Wait for the end of a started job (requeues included); the finished job."""
+        returncode = self.wait_for_end(job.job_id, timeout_s)
+        output = (job_dir / f"{job.job_id}.out").read_text()
+        return TrainingJob(job.job_id, returncode, output, job.run_dir)
+
     def submit(
         self, args: list[str], cwd: Path, env: dict[str, str], wait: bool = True
     ) -> subprocess.Popen:
@@ -246,3 +256,18 @@ class SlurmCluster:
             stderr=subprocess.PIPE,
             text=True,
         )
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A running 2-node cluster for every SLURM test of the session; stopped and cleaned up after."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    install()
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm-state"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
