@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from clipscale.cli import UserError
 from clipscale.config import ConfigError
+from clipscale.optim import steps_with_amp_scaling
 
 
 class NonFiniteError(UserError):
@@ -49,11 +50,6 @@ def nonfinite_flag(loss: torch.Tensor, gradients: list[torch.Tensor]) -> torch.T
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag
-
-
-def supports_device_skip(optimizer) -> bool:
-    """True for optimizers whose step honours `found_inf` (torch's fused Adam/AdamW/SGD)."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
 class NonFiniteGuard:
@@ -118,7 +114,7 @@ class NonFiniteGuard:
         gradients = [] if loss_only else _gradients(inner)
         flag = nonfinite_flag(loss, gradients)
         self._count(flag, loss, step)
-        if on_device and supports_device_skip(inner):
+        if on_device and steps_with_amp_scaling(inner):
             self._device_step(flag, optimizer, inner, scheduler, loss_only)
             if check:
                 self._stop_if_diverged()

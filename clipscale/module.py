@@ -15,6 +15,7 @@ import time
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
@@ -41,7 +42,13 @@ from clipscale.gradcache import (
 )
 from clipscale.guard import NonFiniteGuard, guard_options
 from clipscale.models import build_model, normalize_images
-from clipscale.optim import build_optimizer, parameter_groups, warmup_cosine
+from clipscale.optim import (
+    build_optimizer,
+    parameter_groups,
+    steps_with_amp_scaling,
+    unscale_and_clip,
+    warmup_cosine,
+)
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learnable temperature at 1/100
 
@@ -306,13 +313,19 @@ class CLIPModule(L.LightningModule):
             self._skipped_total = int(counters["skipped_samples"])
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Clip the global gradient norm. Lightning calls this inside `optimizer.step()`, after a
-        16-mixed loss scaler has unscaled the gradients, so the bound applies to the true gradients."""
+        """Clip the global norm of the true gradients. Lightning calls this inside
+        `optimizer.step()`, after a 16-mixed loss scaler has unscaled the gradients, except for an
+        optimizer that unscales inside its own step (fused AdamW, the CUDA default): Lightning
+        refuses to clip those, so they are unscaled and clipped here (optim.unscale_and_clip)."""
         grad_clip = self.hparams.optim.get("grad_clip_norm")
-        if grad_clip:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm"
-            )
+        if not grad_clip:
+            return
+        precision = self.trainer.precision_plugin
+        if isinstance(precision, MixedPrecision) and precision.scaler is not None:
+            if steps_with_amp_scaling(optimizer):
+                unscale_and_clip(optimizer, precision.scaler, grad_clip)
+                return
+        self.clip_gradients(optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
 
     def _synchronized_time(self) -> float:
         """Wall time after the device has finished its queued work (CUDA runs asynchronously)."""

@@ -61,3 +61,18 @@ def build_optimizer(optimizer_cfg: dict, groups: list[dict]) -> torch.optim.Opti
     fused = resolve_fused(cfg.pop("fused", None), [p for g in groups for p in g["params"]])
     extra = {} if fused is None else {"fused": fused}
     return instantiate(cfg)(groups, **extra)
+
+
+def steps_with_amp_scaling(optimizer) -> bool:
+    """True for optimizers whose step takes a GradScaler's scale and found_inf itself (torch's
+    fused Adam, AdamW and SGD): they unscale inside the step and can skip it on the device."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def unscale_and_clip(optimizer, scaler, max_norm: float) -> None:
+    """Clip the global gradient norm of an optimizer that unscales inside its step to `max_norm`,
+    on the true gradients. Left to itself it would unscale after any clipping; once unscale_ has
+    run, GradScaler.step hands it found_inf (Inf/NaN still skip the step) and no scale."""
+    scaler.unscale_(optimizer)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(parameters, max_norm)
