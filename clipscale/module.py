@@ -321,11 +321,13 @@ class CLIPModule(L.LightningModule):
         if not grad_clip:
             return
         precision = self.trainer.precision_plugin
-        if isinstance(precision, MixedPrecision) and precision.scaler is not None:
-            if steps_with_amp_scaling(optimizer):
-                unscale_and_clip(optimizer, precision.scaler, grad_clip)
-                return
-        self.clip_gradients(optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
+        scaler = precision.scaler if isinstance(precision, MixedPrecision) else None
+        if scaler is not None and steps_with_amp_scaling(optimizer):
+            unscale_and_clip(optimizer, scaler, grad_clip)
+        else:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm"
+            )
 
     def _synchronized_time(self) -> float:
         """Wall time after the device has finished its queued work (CUDA runs asynchronously)."""
