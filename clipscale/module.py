@@ -304,6 +304,8 @@ class CLIPModule(L.LightningModule):
             "guard": self.guard.state_dict(),
             "skipped_samples": self._skipped_total,
         }
+        if isinstance(self.chunk_size, int):  # the gradient-caching chunk the run trains with
+            checkpoint["clipscale_grad_cache_chunk_size"] = self.chunk_size
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restore what on_save_checkpoint wrote (absent in checkpoints of older versions)."""
@@ -311,6 +313,19 @@ class CLIPModule(L.LightningModule):
         if counters:
             self.guard.load_state_dict(counters["guard"])
             self._skipped_total = int(counters["skipped_samples"])
+        self._reuse_chunk_size(checkpoint.get("clipscale_grad_cache_chunk_size"))
+
+    def _reuse_chunk_size(self, chunk_size: int | None) -> None:
+        """grad_cache.chunk_size=auto continues with the chunk of the run it resumes. Measured
+        again, the peak would include the loaded AdamW moments (on CUDA it is the absolute peak),
+        could pick a smaller chunk and the resumed run would no longer be bit-identical."""
+        if self.chunk_size != "auto" or chunk_size is None:
+            return
+        self.chunk_size = int(chunk_size)
+        rank_zero_info(
+            f"clipscale: grad_cache.chunk_size=auto reuses the chunk of {chunk_size} that the "
+            "resumed run chose (kept in its checkpoint, not measured again)"
+        )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Clip the global norm of the true gradients. Lightning calls this inside
