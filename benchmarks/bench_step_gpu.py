@@ -10,8 +10,8 @@ Every case runs in this one process on the same device, on the same random data 
 GPU, float32 normalised images, unless the case says host uint8), bf16 autocast, AdamW,
 gradient clipping at 1.0: 3 warm-up steps, then the median of 8 timed steps, each step timed
 between device synchronisations (the same for both recipes). Reported per case: samples/s, step
-ms, peak GiB allocated, MFU (model FLOPs: 3 x forward per sample, over the dense bf16 peak of the
-device from clipscale.flops; no MFU for an unknown device), the ratio to open_clip's samples/s on
+ms, peak GiB allocated, MFU (model FLOPs: forward + backward per sample as FlopCounterMode counts
+them, over the dense bf16 peak of the device from clipscale.flops; no MFU for an unknown device), the ratio to open_clip's samples/s on
 the same model and batch, and for grad-cache cases the step time over the plain clipscale step.
 Then a torch.profiler table of the top kernels of one clipscale step, and the peak GPU memory of
 one host-staged, gradient-cached step at 65,536 / 131,072 / 262,144 samples (OOM printed).
@@ -128,7 +128,7 @@ def open_clip_step_times(case: Case, data: dict, device, steps: int, warmup: int
         [{"params": decay, "weight_decay": 0.2}, {"params": rest, "weight_decay": 0.0}],
         lr=5e-4, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda",
     )  # fmt: skip
-    case.result["flops"] = forward_flops(model, device)
+    case.result["flops"] = training_flops(model)
     times = []
     for step in range(warmup + steps):
         start = synchronized(device)
@@ -145,13 +145,11 @@ def open_clip_step_times(case: Case, data: dict, device, steps: int, warmup: int
     return times
 
 
-def forward_flops(model, device) -> float:
-    from clipscale.flops import forward_flops_per_sample
+def training_flops(model) -> float:
+    """Forward + backward FLOPs of one sample (the gradients it leaves are cleared by each step)."""
+    from clipscale.flops import encoder_flops
 
-    size = model.visual.image_size
-    return forward_flops_per_sample(
-        model, size if isinstance(size, int) else size[0], model.context_length, device
-    )
+    return encoder_flops(model, backward=True).per_sample(foils=0)
 
 
 def synchronized(device) -> float:
@@ -214,7 +212,7 @@ def clipscale_run(case: Case, data: dict, device, steps: int, warmup: int,
     )
     loader = torch.utils.data.DataLoader(RepeatBatch(data, warmup + steps), batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
-    case.result["flops"] = module._model_flops / 3  # counted on the device in on_train_start
+    case.result["flops"] = module.step_flops.model()  # counted in on_train_start
     return timer.times, timer.profile
 
 
@@ -275,7 +273,7 @@ def run_case(case: Case, device, steps: int, warmup: int) -> None:
 def mfu(case: Case, peak_tflops: float | None) -> str:
     if not peak_tflops or "samples_per_s" not in case.result:
         return "—"
-    achieved = case.result["samples_per_s"] * 3 * case.result["flops"] / 1e12
+    achieved = case.result["samples_per_s"] * case.result["flops"] / 1e12
     return f"{100 * achieved / peak_tflops:.1f}%"
 
 

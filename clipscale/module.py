@@ -22,12 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from clipscale.config import ConfigError
 from clipscale.distributed import all_reduce_gradients, all_reduce_sum, world_size
-from clipscale.flops import (
-    forward_flops_per_sample,
-    hardware_flops_per_sample,
-    model_flops_per_sample,
-    peak_tflops,
-)
+from clipscale.flops import StepFlops, peak_tflops, step_flops
 from clipscale.gradcache import (
     _rng_state,
     _set_rng_state,
@@ -71,13 +66,23 @@ def pinned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.pin_memory() if tensor.device.type == "cpu" and not tensor.is_pinned() else tensor
 
 
+def steps_done(trainer) -> int:
+    """Steps done once the step now running (or just run, from on_train_batch_end) is counted, as
+    Lightning counts them for logging."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped + 1
+
+
+def is_last_step(trainer) -> bool:
+    """Whether the step now running (or just run) is the last of `trainer.max_steps`."""
+    return trainer.max_steps > 0 and steps_done(trainer) >= trainer.max_steps
+
+
 def is_logging_step(trainer) -> bool:
     """Whether the step now running (or just run, from on_train_batch_end) is one whose metrics
     Lightning sends to the loggers: every `log_every_n_steps` batches, and the last step. Values
     are read from the device only then, so the steps in between never wait for the device."""
     every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
-    done = trainer.fit_loop.epoch_loop._batches_that_stepped + 1  # as Lightning counts for logging
-    return done % every == 0 or (trainer.max_steps > 0 and done >= trainer.max_steps)
+    return steps_done(trainer) % every == 0 or is_last_step(trainer)
 
 
 class CLIPModule(L.LightningModule):
@@ -127,8 +132,9 @@ class CLIPModule(L.LightningModule):
         self._skipped_total = 0
         self._cpu_local = 0  # images the CPU fallback decoded on this rank since the last log
         self._cpu_total = 0  # ... over all ranks, up to the last logging step
-        self._model_flops = 0.0  # per sample: 3 x forward
-        self._hardware_flops = 0.0  # per sample: 4 x forward with gradient caching
+        self.step_flops: StepFlops | None = None  # per-sample FLOPs, counted in on_train_start
+        self._interval_model_flops = 0.0  # this rank's, since the last logging step
+        self._interval_hardware_flops = 0.0
         self._peak_tflops: float | None = None
         self._normalize: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -190,18 +196,26 @@ class CLIPModule(L.LightningModule):
         wrapped = self.trainer.strategy.model
         if self.chunk_size is not None and isinstance(wrapped, DistributedDataParallel):
             wrapped.require_backward_grad_sync = False
-        image_size = self.model.visual.image_size  # an int (ResNet) or (height, width) (ViT)
-        forward = forward_flops_per_sample(
-            self.model,
-            image_size if isinstance(image_size, int) else image_size[0],
-            self.model.context_length,
-            self.device,
+        self.step_flops = step_flops(
+            self._architecture_on_meta(),
+            grad_checkpointing=bool(self.hparams.model.get("grad_checkpointing")),
+            grad_cache=self.chunk_size is not None,
         )
-        # Counted here, on the training device: Lightning moves the module to the CPU after fit.
-        self._model_flops = model_flops_per_sample(forward)
-        self._hardware_flops = hardware_flops_per_sample(forward, self.chunk_size is not None)
         self._peak_tflops = peak_tflops(self.device)
         self._interval_start, self._interval_samples = None, 0
+        self._interval_model_flops = self._interval_hardware_flops = 0.0
+
+    def _architecture_on_meta(self) -> torch.nn.Module:
+        """The trained architecture with meta tensors (shapes only, nothing allocated): FLOPs are
+        counted on it, so the trained model, wrapped or sharded by a strategy, stays untouched."""
+        model = self.hparams.model
+        with torch.device("meta"):
+            return build_model(
+                model["name"],
+                patch_dropout=model.get("patch_dropout"),
+                device="meta",
+                **dict(model.get("kwargs") or {}),
+            )
 
     def _auto_chunk_size(self, images: torch.Tensor, texts: torch.Tensor) -> int:
         """grad_cache.chunk_size=auto, resolved on the first batch: measure a forward/backward of
@@ -357,8 +371,12 @@ class CLIPModule(L.LightningModule):
         skipped-sample counts are summed on the device. At a logging step the device is
         synchronised once, so samples/s covers the whole interval's device work.
         """
-        global_batch = batch["images"].shape[0] * world_size()
+        local_batch = batch["images"].shape[0]
+        global_batch = local_batch * world_size()
         self._interval_samples += global_batch
+        foils = batch["foil_texts"].shape[1] if "foil_texts" in batch else 0  # every slot encoded
+        self._interval_model_flops += local_batch * self.step_flops.model(foils)
+        self._interval_hardware_flops += local_batch * self.step_flops.hardware(foils)
         if "skipped" in batch:  # 0-d counts from the loader, already on the device
             self._skipped_pending = self._skipped_pending + sum(batch["skipped"].values())
         if "cpu_decoded_samples" in batch:  # data.decode=device (clipscale/data/decode.py)
@@ -367,13 +385,14 @@ class CLIPModule(L.LightningModule):
             return
 
         now = self._synchronized_time()
-        samples_per_second = self._interval_samples / max(now - self._interval_start, 1e-9)
+        elapsed = max(now - self._interval_start, 1e-9)
+        samples_per_second = self._interval_samples / elapsed
+        # This rank's FLOPs over the interval, in TFLOP/s: model FLOPs count the useful work,
+        # hardware FLOPs add what gradient checkpointing and caching recompute (clipscale/flops.py).
+        model_tflops = self._interval_model_flops / elapsed / 1e12
+        hardware_tflops = self._interval_hardware_flops / elapsed / 1e12
         self._interval_start, self._interval_samples = now, 0
-        # Model FLOPs (3 x forward per sample) count useful work only; hardware FLOPs add the
-        # re-encode of gradient caching (4 x forward). Both per device, in TFLOP/s.
-        per_device = samples_per_second / world_size() / 1e12
-        model_tflops = per_device * self._model_flops
-        hardware_tflops = per_device * self._hardware_flops
+        self._interval_model_flops = self._interval_hardware_flops = 0.0
         logit_scale = self.model.logit_scale.detach().exp()
         metrics = {
             "train/loss": loss,
@@ -399,6 +418,10 @@ class CLIPModule(L.LightningModule):
             metrics["train/cpu_decoded_samples"] = self._cpu_decoded()
         self.log_dict(metrics, prog_bar=False, rank_zero_only=True)
         self.log("loss", loss, prog_bar=True, logger=False, rank_zero_only=True)
+        if is_last_step(self.trainer):
+            # Lightning sends logged values to the loggers every log_every_n_steps batches or when
+            # training stops: say that it stops here, so the last step's metrics are written too.
+            self.trainer.should_stop = True
 
     def _cpu_decoded(self) -> torch.Tensor:
         """Images decoded by the CPU fallback over all ranks, summed at each logging step.

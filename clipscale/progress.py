@@ -12,13 +12,20 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 class StepProgressBar(TQDMProgressBar):
     """TQDM bar `step k/max_steps` that carries on across epochs and resumes at the restored step."""
 
+    @property
+    def train_description(self) -> str:
+        """The title of the training bar."""
+        return "step"
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Make Lightning's bar count optimizer steps, from the step the run starts at (0, or the
+        restored step: a run resumed mid-epoch gets no on_train_epoch_start before its steps)."""
+        super().on_train_start(trainer, pl_module)
+        self.train_progress_bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        self._show(trainer.global_step)
+
     def on_train_epoch_start(self, trainer, *_) -> None:
-        """Keep one bar for the whole fit: (re)set it only when it does not count steps yet."""
-        bar = self.train_progress_bar
-        if bar.total != trainer.max_steps:
-            bar.reset(total=trainer.max_steps)
-            self._show(trainer.global_step)
-        bar.set_description("step")
+        """Keep the one bar of the whole fit (Lightning's would restart it at every epoch)."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Advance to the trainer's step count."""
