@@ -175,11 +175,19 @@ def test_every_run_writes_checkpoints_through_the_atomic_writer(tmp_path, traine
 
 
 def validation_line(output: str) -> dict[str, float]:
-    """The metrics of the last `validation at step N: {...}` line a run printed."""
+    """The metrics, by logged name, of the last `validation at step N:` block a run printed: a
+    line `  GROUP: {NAME: value, ...}` per dataset (clipscale.eval.callback.format_validation)."""
     import ast
 
-    line = [text for text in output.splitlines() if "validation at step" in text][-1]
-    return ast.literal_eval(line.split(": ", 1)[1])
+    lines = output.splitlines()
+    start = max(i for i, text in enumerate(lines) if "validation at step" in text)
+    metrics = {}
+    for text in lines[start + 1 :]:
+        if not text.startswith("  "):
+            break
+        group, values = text.strip().split(": ", 1)
+        metrics.update({f"{group}/{name}": v for name, v in ast.literal_eval(values).items()})
+    return metrics
 
 
 @pytest.mark.gpu

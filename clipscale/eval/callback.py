@@ -36,6 +36,17 @@ def _scalars(prefix: str, metrics: dict) -> dict[str, float]:
     return {f"{prefix}{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
+def format_validation(step: int, metrics: dict[str, float]) -> str:
+    """`validation at step N:`, then a line per dataset (the logged names' common prefix) with
+    its metrics rounded to 4 digits: `  val/zeroshot/NAME: {'top1': ..., 'top5': ...}`."""
+    groups: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        group, name = key.rsplit("/", 1)
+        groups.setdefault(group, {})[name] = round(value, 4)
+    lines = [f"  {group}: {values}" for group, values in groups.items()]
+    return "\n".join([f"validation at step {step}:", *lines])
+
+
 def _datamodule_share(loader: DataLoader, num_workers: int):
     """(dataset indices [B], batch) of this rank's share of a data module's validation loader."""
     this_rank, num_ranks = rank(), world_size()
@@ -186,8 +197,7 @@ class ValidationCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self.history.append((trainer.global_step, metrics))
-        shown = {k: round(v, 4) for k, v in metrics.items() if k.count("/") == 1}
-        rank_zero_info(f"validation at step {trainer.global_step}: {shown}")
+        rank_zero_info(format_validation(trainer.global_step, metrics))
         return metrics
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""`<output_dir>/curves.png` at the end of a run: loss, temperature and validation curves.
+"""`<output_dir>/curves.png` at the end of a run: loss, temperature, validation and probe curves.
 
 The numbers are collected in memory while training (the training metrics from Lightning's
 `callback_metrics`, the validation ones from ValidationCallback's history), so the figure is the
@@ -26,22 +26,32 @@ VAL_PANELS = {
 }
 
 
-def plot_curves(series: dict[str, list[tuple[int, float]]], path: str | Path) -> Path:
-    """Draw {metric: [(step, value), ...]} into loss / temperature / validation panels."""
+def curve_panels(keys) -> dict[str, list[str]]:
+    """Panel title -> the metrics drawn in it, for the given metric names (empty panels left out)."""
     panels = {
-        "loss": [k for k in series if k in ("train/loss", "val/contrastive_loss")],
-        "temperature": [k for k in series if k == "train/temperature"],
+        "loss": [k for k in keys if k in ("train/loss", "val/contrastive_loss")],
+        "temperature": [k for k in keys if k == "train/temperature"],
     }
     for title, suffixes in VAL_PANELS.items():
-        panels[title] = [k for k in series if k.startswith("val/") and k.endswith(suffixes)]
-    panels = {title: keys for title, keys in panels.items() if keys}
+        panels[title] = [k for k in keys if k.startswith("val/") and k.endswith(suffixes)]
+    # the probe's accuracy per type and overall, each beside its chance level (drawn dashed)
+    panels["compositional probe"] = [
+        k for k in keys if k.startswith("val/compositional/") and not k.endswith("num_samples")
+    ]
+    return {title: chosen for title, chosen in panels.items() if chosen}
+
+
+def plot_curves(series: dict[str, list[tuple[int, float]]], path: str | Path) -> Path:
+    """Draw {metric: [(step, value), ...]} into the panels of curve_panels."""
+    panels = curve_panels(series)
     if not panels:
         raise ValueError(f"nothing to plot: no train/ or val/ curves among {sorted(series)}")
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for axis, (title, keys) in zip(axes[0], panels.items(), strict=True):
         for key in keys:
             steps, values = zip(*series[key], strict=True)
-            axis.plot(steps, values, marker="o" if len(steps) < 30 else None, label=key)
+            style = "--" if key.endswith("_chance") else "-"
+            axis.plot(steps, values, style, marker="o" if len(steps) < 30 else None, label=key)
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.ticklabel_format(axis="y", style="plain", useOffset=False)
