@@ -34,7 +34,7 @@ def compose_train(tmp_path: Path, *overrides: str):
     ("trainer", "strategy_target"),
     [
         ("default", "auto"),
-        ("ddp", "ddp"),
+        ("ddp", "lightning.pytorch.strategies.DDPStrategy"),
         ("deepspeed", "lightning.pytorch.strategies.DeepSpeedStrategy"),
         ("fsdp", "lightning.pytorch.strategies.FSDPStrategy"),
     ],
