@@ -65,8 +65,10 @@ def encoder_flops(model, backward: bool) -> EncoderFlops:
     device = next(model.parameters()).device
     size = model.visual.image_size  # an int (ResNet) or (height, width) (ViT)
     height, width = (size, size) if isinstance(size, int) else size
-    images = torch.zeros(1, 3, height, width, device=device)
-    texts = torch.zeros(1, model.context_length, dtype=torch.long, device=device)
+    # Two samples, halved: BatchNorm refuses a batch of one in training mode (FLOPs are linear in
+    # the batch: every counted operation is a matmul or convolution over the samples).
+    images = torch.zeros(2, 3, height, width, device=device)
+    texts = torch.zeros(2, model.context_length, dtype=torch.long, device=device)
 
     def run(encode, inputs) -> Callable[[], None]:
         def step() -> None:
@@ -77,7 +79,8 @@ def encoder_flops(model, backward: bool) -> EncoderFlops:
         return step
 
     return EncoderFlops(
-        counted_flops(run(model.encode_image, images)), counted_flops(run(model.encode_text, texts))
+        counted_flops(run(model.encode_image, images)) / 2,
+        counted_flops(run(model.encode_text, texts)) / 2,
     )
 
 
