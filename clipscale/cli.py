@@ -70,6 +70,49 @@ def run_dir_for_checkpoint(ckpt_path: str | None, default: str) -> str:
 OmegaConf.register_new_resolver("run_dir_for_checkpoint", run_dir_for_checkpoint, replace=True)
 
 
+CONTINUED = "continued-"  # .hydra/continued-<time>/: the config record of each continue
+
+
+def launcher_rank() -> int:
+    """This process's rank as its launcher set it (torchrun, srun, Lightning's spawned ranks)."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(name, "0") != "0":
+            return int(os.environ[name])
+    return 0
+
+
+def continues_run(ckpt_path: str | None, output_dir: str) -> bool:
+    """Whether a start with this checkpoint and run directory continues the checkpoint's run."""
+    run = run_dir_for_checkpoint(ckpt_path, "")
+    return bool(run) and Path(output_dir).resolve() == Path(run).resolve()
+
+
+def config_record_subdir(ckpt_path: str | None, output_dir: str, stamp: str) -> str | None:
+    """Resolver for hydra.output_subdir: a new run (or a fork) records its config in `.hydra`; a
+    continue leaves the run's records as they are and adds `.hydra/continued-<stamp>`. Only rank 0
+    writes: torchrun and srun start every rank with the same command."""
+    if launcher_rank() != 0:
+        return None
+    return f".hydra/{CONTINUED}{stamp}" if continues_run(ckpt_path, output_dir) else ".hydra"
+
+
+OmegaConf.register_new_resolver("config_record_subdir", config_record_subdir, replace=True)
+
+
+def config_record(run: Path, checkpoint: Path) -> Path:
+    """The config record a checkpoint of `run` was trained with: the newest one written before
+    the checkpoint (records of later continues are newer; the run's first one otherwise)."""
+    records = [run / ".hydra", *(run / ".hydra").glob(f"{CONTINUED}*")]
+    # Hydra writes a record's overrides.yaml last: its time is when the record was complete
+    written = {
+        r: (r / "overrides.yaml").stat().st_mtime
+        for r in records
+        if (r / "config.yaml").is_file() and (r / "overrides.yaml").is_file()
+    }
+    older = [r for r, time in written.items() if time <= checkpoint.stat().st_mtime]
+    return max(older, key=written.get, default=run / ".hydra")
+
+
 def is_secret_key(key: str) -> bool:
     """True for config keys that name a credential (api_key, token, secret, password)."""
     return any(word in str(key).lower() for word in _SECRET_WORDS)

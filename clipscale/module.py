@@ -45,6 +45,7 @@ from clipscale.optim import (
     warmup_cosine,
 )
 
+LAST_LOGGED = ("train/loss", "train/temperature")  # kept in checkpoints for the run summary
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learnable temperature at 1/100
 
 
@@ -130,6 +131,7 @@ class CLIPModule(L.LightningModule):
         self._interval_samples = 0
         self._skipped_pending: torch.Tensor | int = 0  # this rank's, since the last logging step
         self._skipped_total = 0
+        self._restored_last_logged: dict[str, float] = {}  # a checkpoint's LAST_LOGGED values
         self._cpu_local = 0  # images the CPU fallback decoded on this rank since the last log
         self._cpu_total = 0  # ... over all ranks, up to the last logging step
         self.step_flops: StepFlops | None = None  # per-sample FLOPs, counted in on_train_start
@@ -320,6 +322,7 @@ class CLIPModule(L.LightningModule):
         }
         if isinstance(self.chunk_size, int):  # the gradient-caching chunk the run trains with
             checkpoint["clipscale_grad_cache_chunk_size"] = self.chunk_size
+        checkpoint["clipscale_last_logged"] = self.last_logged_metrics()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restore what on_save_checkpoint wrote (absent in checkpoints of older versions)."""
@@ -328,6 +331,14 @@ class CLIPModule(L.LightningModule):
             self.guard.load_state_dict(counters["guard"])
             self._skipped_total = int(counters["skipped_samples"])
         self._reuse_chunk_size(checkpoint.get("clipscale_grad_cache_chunk_size"))
+        self._restored_last_logged = checkpoint.get("clipscale_last_logged", {})
+
+    def last_logged_metrics(self) -> dict[str, float]:
+        """LAST_LOGGED as last logged on rank 0: by this run, else by the run it resumed (a
+        checkpoint at max_steps resumes without a step, e.g. to finish its final validation)."""
+        logged = self.trainer.callback_metrics
+        current = {key: float(logged[key]) for key in LAST_LOGGED if key in logged}
+        return current or dict(self._restored_last_logged)
 
     def _reuse_chunk_size(self, chunk_size: int | None) -> None:
         """grad_cache.chunk_size=auto continues with the chunk of the run it resumes. Measured

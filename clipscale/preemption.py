@@ -14,11 +14,13 @@ wrong collective. Installing our handler first makes Lightning skip its own.
 
 What a resumed run gets back: model, optimizer, scheduler and step (Lightning's checkpoint), the
 logit scale (a model parameter), each rank's RNG state (`state_dict` below), the data position
-(`ResumableSampler`, from the restored step) and the wandb run (`wandb_run_id`, kept in the run dir).
+(`ResumableSampler`, from the restored step), the wandb run (`wandb_run_id`, kept in the run dir)
+and the CSV history (`RunCSVLogger`: one metrics.csv a run, each step once).
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import random
 import re
@@ -31,7 +33,10 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DistributedSampler
 
@@ -235,3 +240,71 @@ def wandb_resume_kwargs(logger_cfg, output_dir: str | os.PathLike) -> dict:
     if not str(logger_cfg.get("_target_", "")).endswith("WandbLogger") or logger_cfg.get("id"):
         return {}
     return {"id": wandb_run_id(output_dir)}
+
+
+class RunWandbLogger(WandbLogger):
+    """WandbLogger without Lightning's `anonymous` argument (wandb warns that it has no effect),
+    quiet offline: the run summary prints one `wandb sync` for every offline segment of the run,
+    where wandb's own hint names the last segment only."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._wandb_init.pop("anonymous", None)
+        if self._wandb_init.get("mode") == "offline":
+            self._wandb_init.setdefault("settings", {"quiet": True})
+
+
+class HistoryWriter(ExperimentWriter):
+    """Writes a run's one metrics.csv across resumes. A resumed run's first rows replace what the
+    killed run logged from that step on (trained again after the checkpoint); the rest is kept."""
+
+    def _check_log_dir_exists(self) -> None:
+        """Keep an earlier segment's file (Lightning's writer deletes it)."""
+        self.continues = self._fs.isfile(self.metrics_file_path)
+
+    def save(self) -> None:
+        """Append the logged rows; before the first append of a resumed run, cut the history."""
+        if self.continues and self.metrics:
+            self._keep_rows_before(self.metrics)
+            self.continues = False
+        super().save()
+
+    def _keep_rows_before(self, new_rows: list[dict]) -> None:
+        """Drop the file's rows past the first new step, and its rows at that step that hold a
+        metric a new row logs there (a validation logged just before the checkpoint stays)."""
+        first = min(row["step"] for row in new_rows)
+        logged_at_first = {key for row in new_rows if row["step"] == first for key in row}
+        logged_at_first -= {"step", "epoch"}
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            reader = csv.DictReader(file)
+            header, rows = list(reader.fieldnames or []), list(reader)
+        kept = [
+            row
+            for row in rows
+            if int(row["step"]) < first
+            or (
+                int(row["step"]) == first and not logged_at_first & {k for k, v in row.items() if v}
+            )
+        ]
+        # the header covers the old and the new metrics, so the appended rows fit it
+        self.metrics_keys = sorted(set(header) | {key for row in new_rows for key in row})
+        with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(kept)
+
+
+class RunCSVLogger(CSVLogger):
+    """CSVLogger writing `<save_dir>/csv/metrics.csv`, one history for the run and its resumes
+    (Lightning's starts a `version_N` folder each time)."""
+
+    def __init__(self, save_dir: str, **kwargs):
+        super().__init__(save_dir, name="", version="csv", **kwargs)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> HistoryWriter:
+        """The run's HistoryWriter (on rank 0; a no-op stand-in elsewhere)."""
+        if self._experiment is None:
+            self._experiment = HistoryWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -12,9 +12,11 @@ Launch commands (every key is a Hydra override; see configs/):
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -27,12 +29,23 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from clipscale.checkpoint_io import AtomicCheckpointIO
-from clipscale.cli import UserError, check_overrides, hydra_run_dir, known_errors, redacted
+from clipscale.cli import (
+    UserError,
+    check_overrides,
+    continues_run,
+    hydra_run_dir,
+    known_errors,
+    redacted,
+)
 from clipscale.config import validate_config
+from clipscale.distributed import all_reduce_sum
+from clipscale.eval.callback import ValidationCallback
+from clipscale.eval.curves import CurvesCallback
 from clipscale.module import CLIPModule
 from clipscale.preemption import wandb_resume_kwargs
 from clipscale.progress import StepProgressBar
@@ -93,6 +106,31 @@ class EpochSizeCheck(Callback):
             )
 
 
+class FinishRestoredRun(Callback):
+    """A checkpoint written at max_steps, before the final validation (a run killed during it),
+    restores a finished fit: Lightning then skips the training loop and its on_train_end hooks,
+    where the final validation runs. `finish` runs that validation after such a fit."""
+
+    def __init__(self):
+        self.trained = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The training loop ran: its on_train_end hooks ran too."""
+        self.trained = True
+
+    def finish(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """After fit (all ranks): the final validation and the curves showing it, if skipped."""
+        if self.trained:
+            return
+        module.to(trainer.strategy.root_device)  # Lightning moves the module to the CPU after fit
+        for callback in trainer.callbacks:
+            if isinstance(callback, ValidationCallback):
+                callback.on_train_end(trainer, module)
+        for callback in trainer.callbacks:
+            if isinstance(callback, CurvesCallback):
+                callback.on_fit_end(trainer, module)
+
+
 def epoch_samples(datamodule) -> int | None:
     """Samples in one training epoch of a clipscale data module, when it knows the number."""
     for owner, name in ((datamodule, "train_samples"), (datamodule, "samples_per_epoch")):
@@ -113,7 +151,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not loggers:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    callbacks += [SeedPerRank(cfg.seed), EpochSizeCheck()]
+    callbacks += [SeedPerRank(cfg.seed), EpochSizeCheck(), FinishRestoredRun()]
     if cfg.trainer.get("enable_progress_bar", True):
         # step k/max_steps, continued on resume; it reads the logged values only when they are
         # new, so the bar adds no device synchronisation between logging steps
@@ -219,15 +257,21 @@ def train(cfg: DictConfig) -> dict:
     facts = log_run_facts(cfg, trainer, module, output_dir)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    for callback in trainer.callbacks:
+        if isinstance(callback, FinishRestoredRun):
+            callback.finish(trainer, module)
     last_ckpt = output_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last_ckpt, weights_only=False)
 
+    last_logged = module.last_logged_metrics()  # this run's, or the checkpoint's when none ran
     summary = {
         **facts,
         "steps": trainer.global_step,
-        "loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
-        "temperature": float(trainer.callback_metrics.get("train/temperature", float("nan"))),
+        "loss": last_logged.get("train/loss", float("nan")),
+        "temperature": last_logged.get("train/temperature", float("nan")),
         "checkpoint": str(last_ckpt),
+        "config": str(output_dir / HydraConfig.get().output_subdir / "config.yaml"),
+        **skipped_samples(datamodule),
     }
     if cfg.eval.demo_zeroshot and hasattr(datamodule, "classnames") and trainer.is_global_zero:
         summary["zeroshot_top1"] = demo_zeroshot_accuracy(module, datamodule)
@@ -238,15 +282,37 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
+def skipped_samples(datamodule) -> dict:
+    """`skipped_samples_by_kind`: what the loader skipped in this start's batches, all ranks (a
+    collective: every rank calls it); empty for data without skips (the synthetic demo)."""
+    if not hasattr(datamodule, "skipped_summary"):
+        return {}
+    counts = datamodule.skipped_summary()
+    summed = all_reduce_sum(torch.tensor(list(counts.values())))
+    return {"skipped_samples_by_kind": dict(zip(counts, summed.tolist(), strict=True))}
+
+
+def logger_lines(logger) -> list[str]:
+    """Where a logger wrote, as an absolute path; for offline wandb, the command that uploads
+    every segment of the run (one per start: a resumed run adds one)."""
+    if isinstance(logger, WandbLogger) and logger.experiment.settings.mode == "offline":
+        pattern = Path(logger.save_dir).resolve() / "wandb" / f"offline-run-*-{logger.version}"
+        segments = len(glob.glob(str(pattern)))
+        return [
+            f"wandb       wandb sync {pattern}  ({segments} offline segment{'s' * (segments != 1)})"
+        ]
+    return [f"logs        {Path(logger.log_dir or logger.save_dir).resolve()}"]
+
+
 def print_summary(summary: dict, trainer: L.Trainer) -> None:
     """Where everything is, and the numbers a user looks at first."""
     lines = [
         f"run dir     {summary['output_dir']}",
         f"checkpoint  {summary['checkpoint']}",
-        f"config      {Path(summary['output_dir']) / '.hydra' / 'config.yaml'}",
+        f"config      {summary['config']}",
         f"summary     {Path(summary['output_dir']) / 'summary.json'}",
     ]
-    lines += [f"logs        {logger.log_dir or logger.save_dir}" for logger in trainer.loggers]
+    lines += [line for logger in trainer.loggers for line in logger_lines(logger)]
     lines.append(
         f"steps {summary['steps']}  global batch {summary['global_batch']}  "
         f"loss {summary['loss']:.4f}  temperature {summary['temperature']:.4f}"
@@ -256,6 +322,9 @@ def print_summary(summary: dict, trainer: L.Trainer) -> None:
             f"held-out zero-shot top-1 {summary['zeroshot_top1']:.3f} "
             f"(chance {summary['zeroshot_chance']:.3f})"
         )
+    skipped = {kind: n for kind, n in summary.get("skipped_samples_by_kind", {}).items() if n}
+    if skipped:
+        lines.append("skipped samples " + ", ".join(f"{kind} {n}" for kind, n in skipped.items()))
     print("\n".join(["", "clipscale run finished", *lines]), flush=True)
 
 
@@ -263,12 +332,13 @@ def print_summary(summary: dict, trainer: L.Trainer) -> None:
 @known_errors(hydra_run_dir)
 def hydra_main(cfg: DictConfig) -> None:
     """Hydra entry point."""
-    quiet_known_noise()
+    quiet_known_noise(cfg)
     train(cfg)
 
 
-def quiet_known_noise() -> None:
-    """Silence, each at its source, Lightning messages that do not apply to clipscale runs."""
+def quiet_known_noise(cfg: DictConfig) -> None:
+    """Silence, each at its source, Lightning and torch messages that do not apply to clipscale
+    runs (wandb's are silenced in preemption.RunWandbLogger)."""
     # Validation runs in clipscale's callback, not in a validation_step.
     warnings.filterwarnings("ignore", message="You passed in a `val_dataloader` but have no")
     if "SLURM_JOB_ID" not in os.environ:  # srun on the PATH of a machine not running a job
@@ -278,6 +348,26 @@ def quiet_known_noise() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage()
     )
+    # CLIPModule's transfer_batch_to_device (host staging) is the one meant: no data module has one.
+    warnings.filterwarnings(
+        "ignore", message="You have overridden `transfer_batch_to_device` in `LightningModule`"
+    )
+    # A checkpoint at step s holds the weights after s updates, as its global_step says and as an
+    # exact resume needs; the note asks for the weights before the update instead.
+    warnings.filterwarnings(
+        "ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps"
+    )
+    # The data modules restore their stream position themselves (WebDataModule's state dict,
+    # preemption.ResumableSampler); Lightning looks for a state dict on the DataLoader only.
+    warnings.filterwarnings(
+        "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+    )
+    # data.num_workers is the user's setting, and an exact resume needs the same one on the next
+    # machine; torch's advice counts the cores of this one and repeats it for every loader.
+    warnings.filterwarnings("ignore", message=r"This DataLoader will create \d+ worker processes")
+    if continues_run(cfg.ckpt_path, cfg.paths.output_dir):  # the run's own checkpoints are there
+        checkpoints = re.escape(os.path.realpath(Path(cfg.paths.output_dir) / "checkpoints"))
+        warnings.filterwarnings("ignore", message=f"Checkpoint directory {checkpoints} exists")
 
 
 def main() -> None:

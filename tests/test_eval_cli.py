@@ -64,7 +64,7 @@ def run(tmp_path_factory) -> dict:
 
 def test_training_logs_validation_metrics_and_writes_curves(run):
     assert (run["output_dir"] / "curves.png").stat().st_size > 10_000
-    with open(run["output_dir"] / "csv" / "version_0" / "metrics.csv") as f:
+    with open(run["output_dir"] / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     validated = {int(r["step"]) for r in rows if r.get("val/zeroshot/shapes/top1")}
     assert validated == {3, 6}

@@ -85,7 +85,7 @@ def test_sbatch_job_trains_both_ranks_on_one_global_batch(uninterrupted_run):
     for rank in (0, 1):
         assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in output
     assert f"global batch {2 * PER_RANK_BATCH} = {PER_RANK_BATCH} per rank × 2 ranks" in output
-    with open(next(run_dir.glob("csv/version_*/metrics.csv"))) as handle:
+    with open(next(run_dir.glob("csv/metrics.csv"))) as handle:
         logged = [row["train/global_batch_size"] for row in csv.DictReader(handle)]
     logged = [float(value) for value in logged if value]
     assert logged == [2.0 * PER_RANK_BATCH] * MAX_STEPS
