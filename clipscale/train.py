@@ -194,16 +194,17 @@ def preflight(cfg: DictConfig) -> None:
             "<run dir>/checkpoints/last.ckpt, or leave ckpt_path unset to start a new run"
         )
     if str(cfg.data.get("_target_", "")).endswith("WebDataModule"):
-        from clipscale.data.shards import shard_urls
+        from clipscale.data.shards import check_shards
 
-        for key in ("train_shards", "val_shards"):
-            spec = cfg.data.get(key)
-            if spec is None:
-                continue
-            try:
-                shard_urls(spec, f"data.{key}")  # the reader the data module uses
-            except FileNotFoundError as error:
-                raise UserError(str(error)) from error
+        try:  # what the data module's setup would refuse, inside every (spawned) rank
+            check_shards(
+                cfg.data.get("train_shards"),
+                cfg.data.get("val_shards"),
+                resampled=cfg.data.get("resampled", True),
+                samples_per_epoch=cfg.data.get("samples_per_epoch"),
+            )
+        except (FileNotFoundError, ValueError) as error:
+            raise UserError(str(error)) from error
 
 
 def instantiate_or_explain(node: DictConfig):

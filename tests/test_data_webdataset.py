@@ -233,10 +233,8 @@ def test_missing_shards_and_bad_options_fail_at_start_naming_the_key(tmp_path):
         WebDataModule(train_shards=["a.tar", "b.tar"], train_weights=[1], model_name=TINY)
     with pytest.raises(ValueError, match=r"data.batch_size=0: expected an integer >= 1"):
         WebDataModule(train_shards="a.tar", batch_size=0, model_name=TINY)
-    urls = write_clean_shards(tmp_path / "nosizes", shards=1, per_shard=1)
-    os.remove(tmp_path / "nosizes" / "sizes.json")
-    with pytest.raises(ValueError, match=r"set data.samples_per_epoch"):
-        WebDataModule(train_shards=urls[0], model_name=TINY).setup("fit")
+    with pytest.raises(ValueError, match=r"set data.resampled=true data.samples_per_epoch=N"):
+        WebDataModule(train_shards="pipe:cat a.tar", resampled=False, model_name=TINY).setup("fit")
 
 
 def test_epoch_length_comes_from_sizes_json(tmp_path):
@@ -304,7 +302,7 @@ def test_cli_trains_on_shards_from_the_writer_and_logs_the_skips(tmp_path):
     ]  # fmt: skip
     subprocess.run(command, cwd=REPO, check=True, timeout=300)
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    with open(next(run.glob("csv/*/metrics.csv"))) as file:
+    with open(next(run.glob("csv/**/metrics.csv"))) as file:
         logged = [
             float(row["train/skipped_samples"])
             for row in csv.DictReader(file)
@@ -356,3 +354,35 @@ def test_foils_json_becomes_foil_texts_and_mask(tmp_path, decode):
     assert "foil_texts" not in batch and len(batch["keys"]) == 5
     with pytest.raises(ValueError, match="data.hard_negatives: unknown foil type 'colour'"):
         WebDataModule(**options, hard_negatives=["colour"])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_each_bad_shard_is_named_once_per_kind_however_often_it_is_read(
+    tmp_path, caplog, num_workers
+):
+    urls, _, _ = faulty_shards(tmp_path)
+    mixed, cut = str(tmp_path / "mixed.tar"), str(tmp_path / "cut.tar")
+    assert {mixed, cut} <= set(urls)
+    dataset = stream(
+        [mixed, cut], training=True, resampled=True, samples_per_epoch=60, batch_size=3,
+        num_workers=num_workers, seed=4,
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="clipscale.data.reading"):
+        _, skipped = read_all(dataset, num_workers=num_workers)
+    named = Counter(  # the lines naming a kind and a shard
+        (kind, shard)
+        for record in caplog.records
+        for kind in SKIP_KINDS
+        for shard in (mixed, cut)
+        if f"{kind} " in record.getMessage() and f"{shard} " in record.getMessage()
+    )
+    assert named == {
+        ("corrupt_image", mixed): 1,
+        ("missing_image", mixed): 1,
+        ("missing_caption", mixed): 1,
+        ("corrupt_caption", mixed): 1,
+        ("unreadable_member", mixed): 1,
+        ("truncated_shard", cut): 1,
+    }
+    # ... though each shard was drawn many times (20 batches of 3 need ~9 passes over them)
+    assert skipped["truncated_shard"] >= 3 and skipped["corrupt_image"] >= 6, skipped

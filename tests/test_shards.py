@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -13,7 +14,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from clipscale.data.shards import main, read_sizes, write_shards
+from clipscale.data.shards import count_samples, main, write_shards
+from clipscale.data.sources import shard_sizes
 
 FORMATS = {".jpg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
 
@@ -96,7 +98,8 @@ def test_folder_round_trip_gives_the_same_pairs_and_sizes(tmp_path):
             "shard-000002.tar": 3,
         }
     )
-    assert read_sizes([str(tmp_path / "out" / name) for name in sizes]) == 11
+    paths = [str(tmp_path / "out" / name) for name in sizes]
+    assert shard_sizes(paths) == [count_samples(path) for path in paths] == [4, 4, 3]
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".parquet"])
@@ -219,3 +222,84 @@ def test_foils_column_reaches_the_training_batch(tmp_path, decode):
         [True, True],
         [True, False],
     ]
+
+
+def _tar(path: Path, members: list[tuple[str, bytes | None]], mode: str = "w") -> str:
+    """A tar of (name, data) members; data None makes a directory entry."""
+    with tarfile.open(path, mode) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _untidy_members(prefix: str, samples: int) -> list[tuple[str, bytes | None]]:
+    """Samples of 1-3 members (nested keys too), a directory and a name without extension."""
+    members = [(f"{prefix}dir", None), (f"{prefix}README", b"no extension: no sample")]
+    for index in range(samples):
+        key = f"{prefix}sub/{index}" if index % 2 else f"{prefix}{index}"
+        members += [(f"{key}.jpg", b"j"), (f"{key}.txt", b"t"), (f"{key}.json", b"{}")][
+            : 1 + index % 3
+        ]
+    return members
+
+
+def test_samples_are_counted_from_tar_headers_as_readers_group_them(tmp_path):
+    plain = _tar(tmp_path / "plain.tar", _untidy_members("a", 7))
+    packed = _tar(tmp_path / "packed.tar.gz", _untidy_members("b", 5), mode="w:gz")
+    for path in (plain, packed):
+        # reference: webdataset's own grouping of members into samples (no clipscale code)
+        samples = list(wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()))
+        assert count_samples(path) == len(samples) == (7 if path == plain else 5)
+    with tarfile.open(plain) as tar:  # cut inside the last sample's first member
+        cut_at = tar.getmember("asub/5.jpg").offset_data
+    truncated = tmp_path / "cut.tar"
+    truncated.write_bytes(Path(plain).read_bytes()[: cut_at + 1])
+    assert count_samples(str(truncated)) == 6  # the reader yields 5 and counts truncated_shard
+    assert count_samples(str(tmp_path / "missing.tar")) == 0
+
+
+def test_one_pass_counts_shards_missing_from_sizes_json(tmp_path, caplog):
+    from clipscale.data.webdataset import WebDataModule
+    from tests.test_data_webdataset import TINY, good_members, write_tar
+
+    # listed.tar is in sizes.json; the user wrote late.tar after it; other/ has no sizes.json
+    (tmp_path / "other").mkdir()
+    write_tar(tmp_path / "listed.tar", good_members("a", 5))
+    write_tar(tmp_path / "late.tar", good_members("b", 4))
+    write_tar(tmp_path / "other" / "alone.tar", good_members("c", 3))
+    (tmp_path / "sizes.json").write_text('{"listed.tar": 5}')
+    shards = [str(tmp_path / "listed.tar"), str(tmp_path / "late.tar")]
+    shards.append(str(tmp_path / "other" / "alone.tar"))
+    data = WebDataModule(
+        train_shards=shards, resampled=False, batch_size=3, num_workers=0, model_name=TINY
+    )
+    with caplog.at_level("INFO", logger="clipscale.data.sources"):
+        data.setup("fit")
+    assert "2 of 3 shards are not listed in a sizes.json" in caplog.text
+    keys = [key for batch in data.train_dataloader() for key in batch["keys"]]
+    # 12 samples, one pass: 4 full batches, every sample exactly once
+    expected = [f"{p}{i}" for p, n in (("a", 5), ("b", 4), ("c", 3)) for i in range(n)]
+    assert sorted(keys) == sorted(expected)
+
+
+def test_uncountable_pipe_shards_are_refused_in_one_line_before_the_run(tmp_path):
+    from tests.conftest import run_cli
+
+    run = tmp_path / "run"
+    result = run_cli(
+        "data=webdataset",
+        "data.train_shards='pipe:cat /data/{0..3}.tar'",
+        "data.resampled=false",
+        f"paths.output_dir={run}",
+    )
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 1, lines
+    assert lines[-1].startswith("error: data.train_shards: 'pipe:cat /data/0.tar'"), lines
+    assert "data.resampled=true data.samples_per_epoch=N" in lines[-1]
+    assert "Traceback" not in result.stderr and not run.exists()

@@ -10,14 +10,16 @@ training step and the validation code that iterates `val_dataloader()` both get 
 - CUDA: one `torchvision.io.decode_jpeg(list, device="cuda")` call (nvjpeg) for the JPEGs;
 - CPU: the same call on CPU tensors (libjpeg-turbo), so the path is tested without a GPU.
 
-Whatever that batch call cannot decode (PNG, WebP, and the JPEGs nvjpeg refuses: CMYK, some
-progressive files) is decoded on the CPU one image at a time and counted as
-`cpu_decoded_samples` (logged as `train/cpu_decoded_samples`). Bytes no decoder accepts (a
-truncated body, say) are dropped from the batch and counted as `skipped.corrupt_image`, as the
-worker path counts them; with several ranks the data module then trims every rank to the
-shortest batch (WebDataModule.on_after_batch_transfer), so the contrastive batch holds neither
-padding nor duplicates and the gathered shapes match. Evaluation (`DeviceTransform`) treats an
-undecodable image as an error instead: a fixed test set must not shrink silently.
+Whatever that batch call cannot decode (PNG, WebP, GIF, 16-bit and animated images, and the
+JPEGs nvjpeg refuses: CMYK, some progressive files) is decoded on the CPU one image at a time by
+the worker path's own decoder (`open_rgb`: PIL, 8-bit RGB, the first frame), so every image kind
+the worker path accepts gives the same pixels here; these are counted as `cpu_decoded_samples`
+(logged as `train/cpu_decoded_samples`). Bytes no decoder accepts (a truncated body, say) are
+dropped from the batch and counted as `skipped.corrupt_image`, as the worker path counts them;
+with several ranks the data module then trims every rank to the shortest batch
+(WebDataModule.on_after_batch_transfer), so the contrastive batch holds neither padding nor
+duplicates and the gathered shapes match. Evaluation (`DeviceTransform`) drops and counts them
+the same way (clipscale/eval/datasets.py reports the count with the metrics).
 
 The crop box is the one open_clip's RandomResizedCrop would draw in the worker for the same seed
 (`draw_crop`), so both modes crop the same region; only the decoder's and the resampler's
@@ -32,9 +34,10 @@ import io
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import (
     CenterCrop,
     InterpolationMode,
@@ -95,6 +98,19 @@ def image_size(data: bytes) -> tuple[int, int]:
             return image.size
     except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
         raise ValueError(f"no image header PIL can read ({error})") from error
+
+
+def open_rgb(data: bytes) -> Image.Image:
+    """The image in `data` as 8-bit RGB (an animation's first frame); PIL's error if it cannot.
+
+    16-bit grey keeps its high byte, as PIL does for 16-bit colour: PIL's own conversion clips
+    16-bit grey at 255, which turns all but the darkest 0.4% of levels white.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode.startswith("I;16"):
+            high_bytes = (np.asarray(image) >> 8).astype(np.uint8)
+            return Image.fromarray(high_bytes, "L").convert("RGB")
+        return image.convert("RGB")  # forces the full decode, so truncation shows here
 
 
 def random_crop_of(transform) -> RandomResizedCrop | None:
@@ -162,10 +178,10 @@ def _decode_all(encoded: Sequence[torch.Tensor], device: torch.device):
         if image is not None:
             continue
         try:
-            decoded = decode_image(encoded[i], mode=ImageReadMode.RGB)
-        except RuntimeError:
-            continue  # corrupt for every decoder: the caller drops and counts it
-        images[i] = decoded.to(device, non_blocking=True)
+            rgb = open_rgb(encoded[i].numpy().tobytes())
+        except Exception:  # noqa: BLE001 - corrupt for every decoder: the caller drops and counts it
+            continue
+        images[i] = F.pil_to_tensor(rgb).to(device, non_blocking=True)  # [3, H, W] uint8
         on_cpu += 1
     return images, on_cpu
 
@@ -242,10 +258,16 @@ class DeviceDecoder:
             images = normalize_images(images, *self.normalize)
         failed = len(lengths) - int(valid.sum())
         if failed:
+            notes = [
+                ("corrupt_image", "a data.decode=device batch", f"{key} no decoder accepts it")
+                for key, ok in zip(batch["keys"], valid.tolist(), strict=True)
+                if not ok
+            ]
             batch = keep_samples(batch, valid)
             skipped = dict(batch["skipped"])
             skipped["corrupt_image"] = skipped["corrupt_image"] + failed
             batch["skipped"] = skipped
+            batch["skip_notes"] = batch.get("skip_notes", []) + notes
         batch["images"] = images
         batch["cpu_decoded_samples"] = on_cpu  # an int: moving the batch leaves it on the host
         return batch
@@ -285,16 +307,13 @@ class DeviceTransform:
     def __call__(self, image):
         return self.transform(image)
 
-    def decode(self, encoded: Sequence[torch.Tensor], where: str) -> torch.Tensor:
-        """Normalised float images [B, 3, S, S] on the device; ValueError naming a bad image.
+    def decode(self, encoded: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised float images [V, 3, S, S] on the device, valid bool [B]).
 
-        An evaluation set is fixed: a sample that no decoder accepts is an error (as in the
-        worker path), not a skip that would change the metric's denominator.
+        Samples that no decoder accepts are left out (V = valid.sum()); the evaluation reader
+        counts them as `corrupt_image`, as the worker path does.
         """
         images, valid, _ = decode_batch(
             encoded, None, self.decoder.size, self.device, self.decoder.interpolation
         )
-        if not bool(valid.all()):
-            bad = int((~valid).nonzero()[0])
-            raise ValueError(f"{where}: image {bad} of the batch cannot be decoded")
-        return normalize_images(images, *self.decoder.normalize)
+        return normalize_images(images, *self.decoder.normalize), valid

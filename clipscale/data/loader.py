@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from clipscale import distributed
+from clipscale.data.reading import SkipLog
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ class EpochLoader(DataLoader):
     """A DataLoader that tells its ShardStream the epoch and start position of each pass.
 
     With a `decoder` (decode.DeviceDecoder), every batch of shipped bytes is decoded on the
-    device as the loader yields it.
+    device as the loader yields it. The batches' skip notes are logged here, once per shard and
+    kind over all workers (reading.SkipLog), and leave the batch.
     """
 
     def __init__(
@@ -135,6 +137,7 @@ class EpochLoader(DataLoader):
         self.current_epoch = current_epoch
         self.position = position
         self.decoder = decoder  # data.decode=device: shipped bytes -> pixels on the device
+        self.skip_log = SkipLog()
         self.passes = 0
 
     def __iter__(self):
@@ -147,11 +150,16 @@ class EpochLoader(DataLoader):
         done, cursors, salt = self.position.start(epoch) if self.position else (0, [0] * workers, 0)
         self.dataset.start(epoch, done, cursors, salt)
         batches = super().__iter__()
-        if self.decoder is None:
-            return batches
-        # Decoded here, in the process that owns the device, so that training and the
-        # validation code (which iterates val_dataloader() itself) receive pixels alike.
-        return map(self.decoder, batches)
+        if self.decoder is not None:
+            # Decoded here, in the process that owns the device, so that training and the
+            # validation code (which iterates val_dataloader() itself) receive pixels alike.
+            batches = map(self.decoder, batches)
+        return map(self._log_skips, batches)
+
+    def _log_skips(self, batch: dict) -> dict:
+        """Log the batch's new skip notes and take them out of the batch."""
+        self.skip_log.report(batch.pop("skip_notes", ()))
+        return batch
 
     def _batches_per_epoch(self) -> int | None:
         try:

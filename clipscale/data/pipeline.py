@@ -11,7 +11,6 @@ batches, which is what an exact resume does.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import random
@@ -50,31 +49,47 @@ def seeded_call(transform: Callable, image, seed: int):
         torch.set_rng_state(state)
 
 
-def caption_of(sample: dict, counter: SkipCounter, where: str) -> str | None:
+def skip(counter: SkipCounter, kind: str, sample: dict, reason: object = "") -> None:
+    """Count `sample` (a reading.py sample dict) as skipped for `kind`, naming its shard and key."""
+    counter.add(kind, sample["__url__"], reason, sample["__key__"])
+
+
+def caption_of(sample: dict, counter: SkipCounter) -> str | None:
     """The sample's stripped UTF-8 caption, or None after counting why there is none."""
     if CAPTION_EXT not in sample:
-        counter.add("missing_caption", where)
+        skip(counter, "missing_caption", sample)
         return None
     try:
         caption = sample[CAPTION_EXT].decode("utf-8").strip()
     except UnicodeDecodeError as error:
-        counter.add("corrupt_caption", where, error)
+        skip(counter, "corrupt_caption", sample, error)
         return None
     if not caption:
-        counter.add("missing_caption", where, "empty caption")
+        skip(counter, "missing_caption", sample, "empty caption")
         return None
     return caption
 
 
-def image_ext_of(sample: dict, counter: SkipCounter, where: str) -> str | None:
+def image_ext_of(sample: dict, counter: SkipCounter) -> str | None:
     """The extension of the sample's image member, or None after counting `missing_image`."""
     ext = next((ext for ext in IMAGE_EXTS if ext in sample), None)
     if ext is None:
-        counter.add("missing_image", where)
+        skip(counter, "missing_image", sample)
     return ext
 
 
-def foils_of(sample: dict, counter: SkipCounter, where: str) -> list[str] | None:
+def rgb_image_of(sample: dict, ext: str, counter: SkipCounter) -> Image.Image | None:
+    """The sample's image decoded to 8-bit RGB (decode.open_rgb), or None after counting it."""
+    try:
+        return decode.open_rgb(sample[ext])
+    except UnidentifiedImageError:
+        skip(counter, "corrupt_image", sample, f"{ext} member is no image PIL can read")
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+        skip(counter, "corrupt_image", sample, error)
+    return None
+
+
+def foils_of(sample: dict, counter: SkipCounter) -> list[str] | None:
     """The sample's foil captions from `foils.json` ([] without one), None if it is malformed.
 
     Format: a JSON list of non-empty strings (what `python -m clipscale.data.shards
@@ -86,10 +101,10 @@ def foils_of(sample: dict, counter: SkipCounter, where: str) -> list[str] | None
     try:
         foils = json.loads(sample[FOILS_EXT].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        counter.add("corrupt_foils", where, error)
+        skip(counter, "corrupt_foils", sample, error)
         return None
     if not isinstance(foils, list) or not all(isinstance(f, str) and f.strip() for f in foils):
-        counter.add("corrupt_foils", where, "expected a JSON list of non-empty strings")
+        skip(counter, "corrupt_foils", sample, "expected a JSON list of non-empty strings")
         return None
     return [f.strip() for f in foils]
 
@@ -99,14 +114,13 @@ def _checked(
 ) -> Iterator[tuple[int, dict, str, str, dict]]:
     """(raw index, sample, image ext, caption, extras) of samples whose members are usable."""
     for index, sample in samples:
-        where = f"{sample['__url__']}:{sample['__key__']}"
-        image_ext = image_ext_of(sample, counter, where)
-        caption = None if image_ext is None else caption_of(sample, counter, where)
+        image_ext = image_ext_of(sample, counter)
+        caption = None if image_ext is None else caption_of(sample, counter)
         if caption is None:
             continue
         extras = {}
         if with_foils:
-            extras["foils"] = foils_of(sample, counter, where)
+            extras["foils"] = foils_of(sample, counter)
             if extras["foils"] is None:
                 continue
         yield index, sample, image_ext, caption, extras
@@ -124,15 +138,8 @@ def decoded(
     `data.decode=worker`: PIL decodes and open_clip's transform augments, here in the worker.
     """
     for index, sample, image_ext, caption, extras in _checked(samples, counter, with_foils):
-        where = f"{sample['__url__']}:{sample['__key__']}"
-        try:
-            with Image.open(io.BytesIO(sample[image_ext])) as image:
-                rgb = image.convert("RGB")  # forces the full decode, so truncation shows here
-        except UnidentifiedImageError:
-            counter.add("corrupt_image", where, f"{image_ext} member is no image PIL can read")
-            continue
-        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-            counter.add("corrupt_image", where, error)
+        rgb = rgb_image_of(sample, image_ext, counter)
+        if rgb is None:
             continue
         seed = sample_rng(tag, index).getrandbits(63)
         yield index, sample["__key__"], seeded_call(transform, rgb, seed), caption, extras
@@ -157,7 +164,7 @@ def encoded(
         try:
             width, height = decode.image_size(data)
         except ValueError as error:
-            counter.add("corrupt_image", f"{sample['__url__']}:{sample['__key__']}", error)
+            skip(counter, "corrupt_image", sample, error)
             continue
         if crop is not None:
             seed = sample_rng(tag, index).getrandbits(63)
@@ -231,6 +238,7 @@ def batched(
         if batches is None and (not keys or (drop_last and short)):
             return
         batch = {"texts": tokenizer(captions), "keys": keys, "skipped": counter.take()}
+        batch["skip_notes"] = counter.take_notes()  # logged once per shard by loader.py
         if encoded:
             # One flat buffer, not B tensors: each tensor leaving a worker costs a shared-memory
             # segment and a file descriptor.
@@ -271,4 +279,5 @@ def with_trailing_skips(batches: Iterable[dict], counter: SkipCounter) -> Iterat
     if held is not None:
         for kind, count in counter.take().items():
             held["skipped"][kind] += count
+        held["skip_notes"] += counter.take_notes()
         yield held

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import itertools
 import logging
-import math
 import random
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -18,6 +17,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from webdataset import gopen
 
+from clipscale.data.shards import split_member_name
 from clipscale.data.sources import Segment
 
 log = logging.getLogger(__name__)
@@ -37,30 +37,75 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXT = "txt"
 BLOCK = 512  # tar block size; an archive ends with a block of zeros
 MAX_BARREN_SHARDS = 100  # consecutive shards without one sample: the data source is broken
-LOGGED_PER_KIND = 5  # per worker, the first skips of each kind are logged one by one
+LOGGED_SHARDS_PER_KIND = 20  # per process: shards named for one kind before it is only counted
 
 
 class SkipCounter:
-    """Counts skipped samples by kind since the last `take()`, logging the first ones by name."""
+    """Counts skipped samples by kind since the last `take()`, and notes each (kind, shard) once.
+
+    The counter lives in a loader worker; its notes travel with the batches to the training
+    process, where `SkipLog` logs each (kind, shard) once however many workers met it.
+    """
 
     def __init__(self) -> None:
         self.pending = dict.fromkeys(SKIP_KINDS, 0)
         self.total = dict.fromkeys(SKIP_KINDS, 0)
+        self.notes: list[tuple[str, str, str]] = []  # (kind, shard, detail), not yet taken
+        self.noted: set[tuple[str, str]] = set()
 
-    def add(self, kind: str, where: str, reason: object = "") -> None:
-        """Count one skip of `kind` at `where` (shard url and key); log it while still rare."""
+    def add(self, kind: str, shard: str, reason: object = "", item: str = "") -> None:
+        """Count one skip of `kind` in `shard` (at member or key `item`); note it if first there."""
         self.pending[kind] += 1
         self.total[kind] += 1
-        count = self.total[kind]
-        # Rate limit: the first few by name, then one line at each power of ten.
-        if count <= LOGGED_PER_KIND or math.log10(count).is_integer():
-            log.warning("skipped %s #%d in this worker: %s %s", kind, count, where, reason)
+        if (kind, shard) not in self.noted:
+            self.noted.add((kind, shard))
+            self.notes.append((kind, shard, f"{item} {reason}".strip()))
 
     def take(self) -> dict[str, torch.Tensor]:
         """Counts since the previous call, as 0-d LongTensors (the batch's `skipped` entry)."""
         counts = {kind: torch.tensor(n, dtype=torch.long) for kind, n in self.pending.items()}
         self.pending = dict.fromkeys(SKIP_KINDS, 0)
         return counts
+
+    def take_notes(self) -> list[tuple[str, str, str]]:
+        """The (kind, shard, detail) notes since the previous call (the batch's `skip_notes`)."""
+        notes, self.notes = self.notes, []
+        return notes
+
+
+class SkipLog:
+    """Logs a skip once per (kind, shard) in this process, whichever worker's note came first.
+
+    A truncated shard drawn again and again by resampling, or a shard of many bad images, gives
+    one line; after `LOGGED_SHARDS_PER_KIND` shards of one kind, that kind is only counted (the
+    per-kind totals are logged at the end of training and in the metrics).
+    """
+
+    def __init__(self) -> None:
+        self.logged: set[tuple[str, str]] = set()
+        self.shards = dict.fromkeys(SKIP_KINDS, 0)
+
+    def report(self, notes: Iterable[tuple[str, str, str]]) -> None:
+        """Log the notes of (kind, shard) pairs not logged before."""
+        for kind, shard, detail in notes:
+            if (kind, shard) in self.logged:
+                continue
+            self.logged.add((kind, shard))
+            self.shards[kind] += 1
+            if self.shards[kind] <= LOGGED_SHARDS_PER_KIND:
+                log.warning(
+                    "skipped %s in %s (%s); further %s skips of this shard are counted only",
+                    kind,
+                    shard,
+                    detail or "no detail",
+                    kind,
+                )
+            if self.shards[kind] == LOGGED_SHARDS_PER_KIND:
+                log.warning(
+                    "%s met in %d shards: further shards with it are counted, not named",
+                    kind,
+                    LOGGED_SHARDS_PER_KIND,
+                )
 
 
 class _TailReader:
@@ -92,15 +137,6 @@ class _TailReader:
         return len(block) == BLOCK and not any(block)
 
 
-def _split_name(name: str) -> tuple[str, str] | None:
-    """`dir/KEY.EXT` -> (dir/KEY, ext lowercased), as webdataset splits at the first dot."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not (stem and dot and ext):
-        return None
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
 def shard_samples(url: str, counter: SkipCounter) -> Iterator[dict]:
     """Yield the samples of one shard as {"__key__", "__url__", ext: bytes}; never raises on bad data."""
     try:
@@ -114,11 +150,11 @@ def shard_samples(url: str, counter: SkipCounter) -> Iterator[dict]:
     try:
         with tarfile.open(fileobj=reader, mode="r|") as tar:
             for member in tar:
-                parts = _split_name(member.name)
+                parts = split_member_name(member.name)
                 if member.isdir():
                     continue
                 if not member.isfile() or parts is None:
-                    counter.add("unreadable_member", f"{url}:{member.name}")
+                    counter.add("unreadable_member", url, item=member.name)
                     continue
                 if sample and parts[0] != sample["__key__"]:
                     # A new key closes the previous sample, before this member's data can fail.

@@ -40,6 +40,7 @@ import multiprocessing
 import os
 import sys
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -54,7 +55,7 @@ KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they a
 SIZES_FILE = "sizes.json"
 
 
-def _local_path(url: str) -> str | None:
+def local_path(url: str) -> str | None:
     """The file path of a local shard url, None for pipe:/remote urls."""
     if url.startswith("file:"):
         return url.removeprefix("file://").removeprefix("file:")
@@ -65,12 +66,12 @@ def expand_shards(pattern: str, key: str = "shards") -> list[str]:
     """Urls of a shard pattern: braces expanded, local globs matched; raise if nothing matches."""
     urls = []
     for url in expand_urls(pattern):
-        path = _local_path(url)
+        path = local_path(url)
         if path is not None and any(c in path for c in "*?["):
             urls.extend(sorted(glob.glob(path)))
         else:
             urls.append(url)
-    local = [p for p in map(_local_path, urls) if p is not None]
+    local = [p for p in map(local_path, urls) if p is not None]
     missing = [p for p in local if not os.path.isfile(p)]
     if not urls or (local and len(missing) == len(local)):
         raise FileNotFoundError(
@@ -104,31 +105,66 @@ def shard_urls(spec, key: str) -> list[str]:
     return [url for pattern in patterns for url in expand_shards(pattern, key)]
 
 
-def read_sizes(urls: list[str], key: str = "shards") -> int:
-    """Total sample count of `urls` from the sizes.json files beside them."""
-    sizes_by_folder: dict[str, dict] = {}
-    total = 0
-    for url in urls:
-        path = _local_path(url)
-        if path is None:
-            raise ValueError(
-                f"{key}: cannot read {SIZES_FILE} beside the remote shard {url!r}; set "
-                "data.samples_per_epoch=N (samples per epoch over all ranks)"
-            )
-        folder, name = os.path.split(path)
-        if folder not in sizes_by_folder:
-            sizes_path = os.path.join(folder, SIZES_FILE)
-            if not os.path.isfile(sizes_path):
-                raise ValueError(
-                    f"{key}: no {sizes_path}; set data.samples_per_epoch=N, or write the shards "
-                    "with python -m clipscale.data.shards (it writes sizes.json)"
-                )
-            with open(sizes_path) as file:
-                sizes_by_folder[folder] = json.load(file)
-        if name not in sizes_by_folder[folder]:
-            raise ValueError(f"{key}: {name!r} is not listed in {folder}/{SIZES_FILE}")
-        total += int(sizes_by_folder[folder][name])
-    return total
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """`dir/KEY.EXT` -> (dir/KEY, ext lowercased), as webdataset splits at the first dot."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not (stem and dot and ext):
+        return None
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def count_samples(path: str) -> int:
+    """Samples in a local tar shard, from its member headers alone (member data is skipped).
+
+    A sample is a run of consecutive members sharing a key, as clipscale.data.reading groups
+    them; directories and members without a KEY.EXT name belong to none. A shard that breaks off
+    counts the samples whose headers were read, a missing one 0: the reader counts those faults
+    (truncated_shard, unopenable_shard) when it meets them.
+    """
+    samples, last_key = 0, None
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                parts = split_member_name(member.name)
+                if member.isfile() and parts is not None and parts[0] != last_key:
+                    samples, last_key = samples + 1, parts[0]
+    except (OSError, EOFError, tarfile.TarError, zlib.error):
+        pass  # see the docstring: counted as far as it reads
+    return samples
+
+
+def check_countable(urls: list[str], key: str, *, resampled: bool, samples_per_epoch) -> None:
+    """Raise a one-line ValueError when an epoch's sample count cannot be known for `urls`.
+
+    Local shards are counted (sizes.json, else their tar headers); a pipe: or remote shard can
+    be neither: a one pass needs every shard's count, a resampled epoch `samples_per_epoch`.
+    """
+    if resampled and samples_per_epoch is not None:
+        return
+    remote = next((url for url in urls if local_path(url) is None), None)
+    if remote is None:
+        return
+    need = "a one pass (data.resampled=false) needs every shard's sample count"
+    if resampled:
+        need = "a resampled epoch needs its length"
+    raise ValueError(
+        f"{key}: {remote!r} is not a local file, so its samples cannot be counted (from "
+        f"{SIZES_FILE} or its tar headers), and {need}: set data.resampled=true "
+        "data.samples_per_epoch=N (N samples per epoch over all ranks), or copy the shards to "
+        "local disk"
+    )
+
+
+def check_shards(train_shards, val_shards, *, resampled: bool, samples_per_epoch) -> None:
+    """Raise what WebDataModule.setup would for these options, before a run starts (preflight)."""
+    if val_shards is not None:
+        shard_urls(val_shards, "data.val_shards")
+    if train_shards is not None:
+        urls = shard_urls(train_shards, "data.train_shards")
+        check_countable(
+            urls, "data.train_shards", resampled=resampled, samples_per_epoch=samples_per_epoch
+        )
 
 
 def pairs_from_folder(folder: Path) -> Iterator[tuple[str, str | None]]:

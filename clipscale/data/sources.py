@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from clipscale.data.shards import SIZES_FILE, _local_path
+from clipscale.data.shards import SIZES_FILE, count_samples, local_path
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,24 +49,47 @@ class EpochPlan:
     dropped: int  # samples of this rank's share left out (training: the last partial batch)
 
 
-def shard_sizes(urls: list[str]) -> list[int] | None:
-    """Per-shard sample counts from the sizes.json files beside `urls`; None if any is unknown."""
+def _sizes_table(folder: str) -> dict:
+    """{shard file name: sample count} of the sizes.json in `folder` ({} without one)."""
+    path = os.path.join(folder, SIZES_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as file:
+        return json.load(file)
+
+
+def shard_sizes(urls: list[str], count_unlisted: bool = False) -> list[int] | None:
+    """Per-shard sample counts from the sizes.json files beside `urls`; None if any is unknown.
+
+    With `count_unlisted`, a local shard that no sizes.json lists is counted from its tar
+    headers (shards.count_samples: no image is read), so only pipe: and remote shards stay
+    unknown.
+    """
     tables: dict[str, dict] = {}
-    sizes = []
+    sizes, counted = [], []
     for url in urls:
-        path = _local_path(url)
+        path = local_path(url)
         if path is None:
             return None
         folder, name = os.path.split(path)
         if folder not in tables:
-            table_path = os.path.join(folder, SIZES_FILE)
-            if not os.path.isfile(table_path):
-                return None
-            with open(table_path) as file:
-                tables[folder] = json.load(file)
-        if name not in tables[folder]:
+            tables[folder] = _sizes_table(folder)
+        if name in tables[folder]:
+            sizes.append(int(tables[folder][name]))
+        elif count_unlisted:
+            sizes.append(count_samples(path))
+            counted.append(sizes[-1])
+        else:
             return None
-        sizes.append(int(tables[folder][name]))
+    if counted:
+        log.info(
+            "data: %d of %d shards are not listed in a %s beside them: counted their samples "
+            "from the tar headers (%d samples)",
+            len(counted),
+            len(urls),
+            SIZES_FILE,
+            sum(counted),
+        )
     return sizes
 
 

@@ -17,6 +17,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from clipscale.data.decode import random_crop_of
 from clipscale.data.pipeline import batched, decoded, encoded, with_trailing_skips
 from clipscale.data.reading import SkipCounter, read_segments, shuffled
+from clipscale.data.shards import check_countable
 from clipscale.data.sources import (
     cumulative,
     epoch_order,
@@ -35,8 +36,9 @@ class ShardStream(IterableDataset):
     WebDataModule passes Lightning's. `num_workers` must be the loader's: the plan gives worker
     w the batches k with k mod W = w, the order in which the DataLoader collects them.
     `decode="device"` ships encoded bytes for decode.DeviceDecoder; `max_foils` reads each
-    sample's foils.json into `foil_texts`/`foil_mask`. One pass (`resampled=False`) needs per-shard sample counts (`shard_sizes`, else sizes.json
-    beside the shards); without them only evaluation streams run, dealing whole shards out.
+    sample's foils.json into `foil_texts`/`foil_mask`. One pass (`resampled=False`) needs
+    per-shard sample counts: `shard_sizes`, else sizes.json beside the shards, else (training)
+    the local shards' tar headers; an evaluation stream without them deals whole shards out.
     """
 
     def __init__(
@@ -65,13 +67,13 @@ class ShardStream(IterableDataset):
         if not urls:
             raise ValueError("ShardStream needs at least one shard url")
         self.urls = urls
-        self.sizes = None if resampled else (shard_sizes or read_shard_sizes(urls))
-        if training and not resampled and self.sizes is None:
-            raise ValueError(
-                "data.resampled=false needs each shard's sample count to give every rank the "
-                "same number of batches: write sizes.json beside the shards (python -m "
-                "clipscale.data.shards writes it), or set data.resampled=true"
+        if training:
+            check_countable(
+                urls, "data.train_shards", resampled=resampled, samples_per_epoch=samples_per_epoch
             )
+        self.sizes = None
+        if not resampled:
+            self.sizes = shard_sizes or read_shard_sizes(urls, count_unlisted=training)
         if resampled and samples_per_epoch is None:
             raise ValueError("resampled shards need samples_per_epoch (the epoch never runs dry)")
         self.transform, self.tokenizer = transform, tokenizer

@@ -28,7 +28,7 @@ from clipscale import distributed
 from clipscale.data.decode import DECODE_MODES, DeviceDecoder, keep_samples
 from clipscale.data.loader import EpochLoader, StreamPosition, gather_rank_states
 from clipscale.data.reading import SKIP_KINDS
-from clipscale.data.shards import expand_shards, read_sizes, shard_urls
+from clipscale.data.shards import check_countable, expand_shards, shard_urls
 from clipscale.data.sources import shard_sizes as read_shard_sizes
 from clipscale.data.stream import ShardStream
 from clipscale.data.synthetic import check_hard_negatives
@@ -104,7 +104,7 @@ class WebDataModule(L.LightningDataModule):
         ):
             raise ValueError(
                 f"data.samples_per_epoch={samples_per_epoch!r}: expected a positive integer, or "
-                "null to read the count from sizes.json beside the shards"
+                "null to count the shards' samples (sizes.json beside them, else their tar headers)"
             )
         if resume not in ("exact", "approximate"):
             raise ValueError(f"data.resume={resume!r}: expected exact or approximate")
@@ -226,10 +226,16 @@ class WebDataModule(L.LightningDataModule):
                 w / len(s) for w, s in zip(self.train_weights, sources, strict=True) for _ in s
             ]
         workers = self._workers_for(urls, "data.train_shards", world_size, self.resampled)
-        samples = self.samples_per_epoch
-        if samples is None or not self.resampled:
-            sizes = read_shard_sizes(urls)
-            samples = sum(sizes) if sizes else read_sizes(urls, "data.train_shards")
+        check_countable(
+            urls,
+            "data.train_shards",
+            resampled=self.resampled,
+            samples_per_epoch=self.samples_per_epoch,
+        )
+        sizes = None  # a resampled epoch of samples_per_epoch needs no counts
+        if not self.resampled or self.samples_per_epoch is None:
+            sizes = read_shard_sizes(urls, count_unlisted=True)
+        samples = self.samples_per_epoch if sizes is None else sum(sizes)
         self.train_stream = ShardStream(
             urls,
             transform=build_transforms(self.model_name, is_train=True, as_uint8=self.uint8_images),
@@ -239,6 +245,7 @@ class WebDataModule(L.LightningDataModule):
             samples_per_epoch=samples,
             shuffle_buffer=self.shuffle_buffer,
             num_workers=workers,
+            shard_sizes=sizes,
             max_foils=self.max_foils,
             **common,
         )

@@ -23,7 +23,6 @@ from clipscale.distributed import all_gather_rows, rank, world_size
 from clipscale.eval.compositional import evaluate_compositional, read_probe
 from clipscale.eval.datasets import expand_shard_pattern, read_dataset_info
 from clipscale.eval.retrieval import (
-    encode_image_caption_set,
     evaluate_retrieval,
     score_image_caption_set,
 )
@@ -236,12 +235,11 @@ class ValidationCallback(Callback):
                 model, tokenizer, transform, root, self.batch_size, device, self.max_samples
             )
             metrics.update(_scalars(f"val/compositional/{root.name}/", result))
-        if self.val_shards:
-            encoded = encode_image_caption_set(
-                model, tokenizer, transform, self.val_shards, self.batch_size, device, **loader_kw
+        if self.val_shards:  # val/skipped_samples counts its unreadable samples
+            shards, size = self.val_shards, self.batch_size
+            result = evaluate_retrieval(
+                model, tokenizer, transform, shards, size, device, block, **loader_kw
             )
-            scale = model.logit_scale.exp().item()
-            result = score_image_caption_set(*(t.to(device) for t in encoded), scale, block)
             metrics.update(_scalars("val/", result))
         elif isinstance(loader := _val_loader(datamodule), DataLoader):
             metrics.update(

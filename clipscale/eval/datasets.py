@@ -18,16 +18,17 @@ workers can be put back in dataset order and reduce to exactly the single-proces
 
 from __future__ import annotations
 
-import io
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import webdataset as wds
-from PIL import Image
 
-from clipscale.data.decode import DeviceTransform
+from clipscale.data.decode import DeviceTransform, image_size
+from clipscale.data.pipeline import caption_of, image_ext_of, rgb_image_of, skip
+from clipscale.data.reading import SKIP_KINDS, SkipCounter, SkipLog, shard_samples
 from clipscale.data.shards import shard_urls
+from clipscale.distributed import all_reduce_sum
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 DEFAULT_TEMPLATES = (
@@ -130,42 +131,28 @@ def read_dataset_info(root: str | Path, split: str = "test") -> EvalDatasetInfo:
     return EvalDatasetInfo(root.name, root, dataset_type, shards, classnames, templates)
 
 
-def _decode_image(sample: dict) -> Image.Image:
-    if "__file__" in sample:
-        with Image.open(sample["__file__"]) as image:
-            return image.convert("RGB")
-    for ext in IMAGE_EXTENSIONS:
-        if ext in sample:
-            return Image.open(io.BytesIO(sample[ext])).convert("RGB")
-    raise ValueError(
-        f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no image "
-        f"(looked for {IMAGE_EXTENSIONS}; found {sorted(k for k in sample if not k.startswith('_'))})"
-    )
-
-
-def _image_bytes(sample: dict) -> torch.Tensor:
-    """The sample's encoded image as uint8 [n] (decode=device decodes it on the device)."""
-    if "__file__" in sample:
-        data = Path(sample["__file__"]).read_bytes()
-    else:
-        ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        if ext is None:
-            _decode_image(sample)  # raises the error naming the sample
-        data = sample[ext]
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+def _folder_sample(path: str, label: int) -> dict:
+    """An ImageFolder file as a reading.py sample dict (its path stands for shard and key)."""
+    ext = Path(path).suffix.lower().lstrip(".")
+    return {"__key__": path, "__url__": path, ext: Path(path).read_bytes(), "__cls__": label}
 
 
 class EvalSamples(torch.utils.data.IterableDataset):
-    """Samples `(index, image_tensor, target)` of this rank's and this worker's share, in order.
+    """Samples `(index, image, target, skips)` of this rank's and this worker's share, in order.
 
     `target` is the integer class (`cls`) or, with `captions=True`, the list of caption lines of
     `txt`. Every reader walks all shards and keeps sample i when i % readers == reader: evaluation
     sets are small next to training data, and this split stays exact whatever the shard count.
+    Shards are read as training reads them (clipscale.data.reading): a sample without an image
+    or caption, or whose image does not decode, is skipped and counted by kind, never fatal;
+    `skips` = (counts by kind, notes) since the previous item. With a DeviceTransform `image` is
+    the encoded bytes (decoded by EvalLoader). A last item `(None, None, None, skips)` carries
+    the skips met after the last sample.
     """
 
     def __init__(
         self,
-        shards: list[str],
+        shards: list,
         transform,
         captions: bool,
         rank: int = 0,
@@ -181,27 +168,46 @@ class EvalSamples(torch.utils.data.IterableDataset):
         num_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
         readers = self.world_size * num_workers
         reader = self.rank * num_workers + worker_id
+        counter = SkipCounter()
+        # Every reader meets a broken shard; only reader 0 counts it, so it is counted once.
+        shard_counter = counter if reader == 0 else SkipCounter()
         if self.shards and isinstance(self.shards[0], tuple):  # ImageFolder (path, class) pairs
-            raw = ({"__file__": path, "__cls__": label} for path, label in self.shards)
+            raw = (_folder_sample(path, label) for path, label in self.shards)
         else:
-            raw = wds.DataPipeline(wds.SimpleShardList(self.shards), wds.tarfile_to_samples())
+            raw = (sample for url in self.shards for sample in shard_samples(url, shard_counter))
         for index, sample in enumerate(raw):
             if self.max_samples is not None and index >= self.max_samples:
-                return
+                break
             if index % readers != reader:
                 continue
-            if isinstance(self.transform, DeviceTransform):  # decode=device: bytes, decoded later
-                yield index, _image_bytes(sample), self._target(sample)
-            else:
-                yield index, self.transform(_decode_image(sample)), self._target(sample)
+            item = self._item(sample, counter)
+            if item is not None:
+                yield index, *item, (counter.take(), counter.take_notes())
+        yield None, None, None, (counter.take(), counter.take_notes())
 
-    def _target(self, sample: dict):
+    def _item(self, sample: dict, counter: SkipCounter) -> tuple | None:
+        """(image, target) of a usable sample; None after counting why it is not."""
+        ext = image_ext_of(sample, counter)
+        target = None if ext is None else self._target(sample, counter)
+        if target is None:
+            return None
+        if isinstance(self.transform, DeviceTransform):  # decode=device: bytes, decoded later
+            try:
+                image_size(sample[ext])  # a header check in the worker, as training makes
+            except ValueError as error:
+                skip(counter, "corrupt_image", sample, error)
+                return None
+            return torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8), target
+        image = rgb_image_of(sample, ext, counter)
+        return None if image is None else (self.transform(image), target)
+
+    def _target(self, sample: dict, counter: SkipCounter):
+        """The class or caption lines; None after counting a missing or corrupt caption."""
         if "__cls__" in sample:
             return sample["__cls__"]
         if self.captions:
-            if "txt" not in sample:
-                raise ValueError(f"sample {sample['__key__']!r} in {sample['__url__']} has no txt")
-            return sample["txt"].decode("utf-8").splitlines()
+            caption = caption_of(sample, counter)
+            return None if caption is None else caption.splitlines()
         if "cls" not in sample:
             raise ValueError(
                 f"sample {sample['__key__']!r} in {sample['__url__']} has no cls label; "
@@ -210,13 +216,62 @@ class EvalSamples(torch.utils.data.IterableDataset):
         return int(sample["cls"].decode("utf-8").strip())
 
 
-def _collate(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list]:
-    indices, images, targets = zip(*batch, strict=True)
-    return torch.tensor(indices), torch.stack(images), list(targets)
+def _collate(items: list[tuple], stack: bool) -> tuple:
+    """(indices [B], images [B,3,H,W] or a list of byte tensors, targets, skip counts, notes)."""
+    counts, notes = dict.fromkeys(SKIP_KINDS, 0), []
+    for *_, (item_counts, item_notes) in items:
+        for kind, count in item_counts.items():
+            counts[kind] += int(count)
+        notes += item_notes
+    samples = [item[:3] for item in items if item[0] is not None]
+    indices, images, targets = zip(*samples, strict=True) if samples else ((), (), ())
+    images = torch.stack(images) if stack and images else list(images)
+    return torch.tensor(indices, dtype=torch.long), images, list(targets), counts, notes
+
+
+class EvalLoader(torch.utils.data.DataLoader):
+    """Batches `(indices [B], images [B,3,H,W], targets)` of this rank's share of a dataset.
+
+    Skipped samples are counted by kind in `skipped` and logged once per shard and kind; with a
+    DeviceTransform the batch is decoded on the device here, and images no decoder accepts are
+    left out and counted as `corrupt_image`.
+    """
+
+    def __init__(self, samples: EvalSamples, batch_size: int, num_workers: int = 0):
+        on_device = isinstance(samples.transform, DeviceTransform)
+        collate = functools.partial(_collate, stack=not on_device)
+        super().__init__(
+            samples, batch_size=batch_size, num_workers=num_workers, collate_fn=collate
+        )
+        self.skipped = dict.fromkeys(SKIP_KINDS, 0)
+        self.skip_log = SkipLog()
+
+    def __iter__(self):
+        for indices, images, targets, counts, notes in super().__iter__():
+            if isinstance(self.dataset.transform, DeviceTransform) and images:
+                indices, images, targets = self._decoded(indices, images, targets, counts, notes)
+            for kind, count in counts.items():
+                self.skipped[kind] += count
+            self.skip_log.report(notes)
+            if len(indices):
+                yield indices, images, targets
+
+    def _decoded(self, indices, encoded, targets, counts, notes) -> tuple:
+        """The batch decoded on the device, less the images no decoder accepts (counted)."""
+        images, valid = self.dataset.transform.decode(encoded)
+        for index in indices[~valid].tolist():
+            counts["corrupt_image"] += 1
+            notes.append(("corrupt_image", "a decode=device batch", f"sample {index}: undecodable"))
+        kept = [target for target, ok in zip(targets, valid.tolist(), strict=True) if ok]
+        return indices[valid], images, kept
+
+    def skipped_samples(self) -> int:
+        """Samples skipped on every rank together (a collective: every rank must call it)."""
+        return int(all_reduce_sum(torch.tensor(sum(self.skipped.values()))))
 
 
 def eval_loader(
-    shards: list[str],
+    shards: list,
     transform,
     captions: bool,
     batch_size: int,
@@ -224,31 +279,10 @@ def eval_loader(
     rank: int = 0,
     world_size: int = 1,
     max_samples: int | None = None,
-) -> torch.utils.data.DataLoader:
-    """DataLoader of `(indices [B], images [B,3,H,W], targets)` over this rank's share."""
+) -> EvalLoader:
+    """EvalLoader of `(indices [B], images [B,3,H,W], targets)` over this rank's share."""
     samples = EvalSamples(shards, transform, captions, rank, world_size, max_samples)
-    if isinstance(transform, DeviceTransform):
-        return _DeviceDecodedLoader(
-            samples, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_bytes
-        )
-    return torch.utils.data.DataLoader(
-        samples, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
-    )
-
-
-def _collate_bytes(batch: list[tuple]) -> tuple[torch.Tensor, list, list]:
-    indices, images, targets = zip(*batch, strict=True)
-    return torch.tensor(indices), list(images), list(targets)
-
-
-class _DeviceDecodedLoader(torch.utils.data.DataLoader):
-    """eval_loader with decode=device: batches of bytes from the workers, decoded on the device."""
-
-    def __iter__(self):
-        transform = self.dataset.transform
-        for indices, encoded, targets in super().__iter__():
-            where = f"evaluation samples {int(indices[0])}..{int(indices[-1])}"
-            yield indices, transform.decode(encoded, where), targets
+    return EvalLoader(samples, batch_size, num_workers)
 
 
 def expand_shard_pattern(spec, key: str = "eval.val_shards") -> list[str]:

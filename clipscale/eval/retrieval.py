@@ -152,21 +152,20 @@ def _encode_share(model, tokenizer, loader, device):
     )
 
 
-def encode_image_caption_set(model, tokenizer, transform, shards, batch_size, device, **loader_kw):
+def encode_image_caption_set(model, tokenizer, loader, device):
     """Features of every image [I, D] and caption [T, D] in dataset order, on every rank.
 
-    Each rank encodes its share; the shares are gathered and sorted back into dataset order, so
-    every rank holds what one process would have computed. Returns
+    `loader`: this rank's eval_loader(..., captions=True). Each rank encodes its share; the
+    shares are gathered and sorted back into dataset order, so every rank holds what one process
+    would have computed. Returns
     (image_features, text_features, text_image_index [T], first_caption_row [I]).
     """
-    this_rank, num_ranks = rank(), world_size()
-    loader = eval_loader(
-        shards, transform, True, batch_size, rank=this_rank, world_size=num_ranks, **loader_kw
-    )
     image_index, image_features, text_image_index, text_features = (
         all_gather_rows(t) for t in _encode_share(model, tokenizer, loader, device)
     )
-    image_order = image_index.argsort()
+    image_index, image_order = image_index.sort()
+    # Skipped samples leave gaps in the dataset indices: point each caption at its image's row.
+    text_image_index = torch.searchsorted(image_index, text_image_index)
     # stable: the captions of one image come from one rank in file order and must stay so
     text_order = text_image_index.argsort(stable=True)
     text_image_index = text_image_index[text_order]
@@ -226,10 +225,16 @@ def score_image_caption_set(
 def evaluate_retrieval(
     model, tokenizer, transform, shards, batch_size, device, loss_block_size=None, **loader_kw
 ) -> dict:
-    """Encode a captioned set (sharded over ranks) and score it with `score_image_caption_set`."""
-    encoded = encode_image_caption_set(
-        model, tokenizer, transform, shards, batch_size, device, **loader_kw
+    """Encode a captioned set (sharded over ranks) and score it with `score_image_caption_set`.
+
+    `skipped_samples`: samples left out as unreadable (clipscale.data.reading.SKIP_KINDS).
+    """
+    loader = eval_loader(
+        shards, transform, True, batch_size, rank=rank(), world_size=world_size(), **loader_kw
     )
+    encoded = encode_image_caption_set(model, tokenizer, loader, device)
     # scored on the model's device: 100k x 100k is minutes on a CPU, seconds on a GPU
     encoded = [t.to(device) for t in encoded]
-    return score_image_caption_set(*encoded, model.logit_scale.exp().item(), loss_block_size)
+    metrics = score_image_caption_set(*encoded, model.logit_scale.exp().item(), loss_block_size)
+    metrics["skipped_samples"] = loader.skipped_samples()
+    return metrics

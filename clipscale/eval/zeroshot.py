@@ -177,6 +177,7 @@ def evaluate_zeroshot(
         "nonfinite_features": nonfinite_images + nonfinite_prompts,
         "nonfinite_image_features": nonfinite_images,
         "nonfinite_text_features": nonfinite_prompts,
+        "skipped_samples": loader.skipped_samples(),  # unreadable samples, left out
     }
     if this_rank == 0:
         warn_nonfinite(info.name, nonfinite_images, nonfinite_prompts)
