@@ -303,3 +303,20 @@ def test_uncountable_pipe_shards_are_refused_in_one_line_before_the_run(tmp_path
     assert lines[-1].startswith("error: data.train_shards: 'pipe:cat /data/0.tar'"), lines
     assert "data.resampled=true data.samples_per_epoch=N" in lines[-1]
     assert "Traceback" not in result.stderr and not run.exists()
+
+
+def test_the_fix_the_pipe_refusal_names_trains_on_pipe_shards(tmp_path):
+    from clipscale.data.webdataset import WebDataModule
+    from tests.test_data_webdataset import TINY, good_members, write_tar
+
+    for index in range(2):
+        write_tar(tmp_path / f"{index}.tar", good_members(f"p{index}k", 4))
+    pattern = f"pipe:cat {tmp_path}/{{0,1}}.tar"
+    options = {"batch_size": 3, "num_workers": 0, "model_name": TINY}
+    for resampled in (False, True):  # neither pass can count pipe: shards without N
+        with pytest.raises(ValueError, match=r"set data.resampled=true data.samples_per_epoch=N"):
+            WebDataModule(train_shards=pattern, resampled=resampled, **options).setup("fit")
+    data = WebDataModule(train_shards=pattern, resampled=True, samples_per_epoch=12, **options)
+    data.setup("fit")
+    keys = [key for batch in data.train_dataloader() for key in batch["keys"]]
+    assert len(keys) == 12 and {key[:2] for key in keys} <= {"p0", "p1"}

@@ -51,8 +51,8 @@ from clipscale.models import normalize_images
 
 DECODE_MODES = ("auto", "worker", "device")
 # Device output against worker output for the same box, in 0-255 levels. The decoders agree
-# exactly here (PIL and torchvision both use libjpeg-turbo, libpng, libwebp: tested); the
-# resamplers do not: PIL's bicubic runs in fixed point with its own rounding, torch's antialiased
+# exactly here (JPEGs: PIL and torchvision both use libjpeg-turbo, tested; everything else is
+# decoded by PIL in both modes); the resamplers do not: PIL's bicubic runs in fixed point with its own rounding, torch's antialiased
 # bicubic in float. Measured on smooth test images: mean 0.005, max 2 levels. A box moved by one
 # pixel already differs by a mean of ~2 levels, so these bounds do tell boxes apart.
 MEAN_ABS_TOLERANCE = 0.25
