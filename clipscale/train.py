@@ -271,7 +271,8 @@ def train(cfg: DictConfig) -> dict:
         "loss": last_logged.get("train/loss", float("nan")),
         "temperature": last_logged.get("train/temperature", float("nan")),
         "checkpoint": str(last_ckpt),
-        "config": str(output_dir / HydraConfig.get().output_subdir / "config.yaml"),
+        # Ranks other than 0 write no config record (hydra.output_subdir is null there).
+        "config": str(output_dir / (HydraConfig.get().output_subdir or ".hydra") / "config.yaml"),
         **skipped_samples(datamodule),
     }
     if cfg.eval.demo_zeroshot and hasattr(datamodule, "classnames") and trainer.is_global_zero:
