@@ -1,8 +1,8 @@
 """The launch layout of a SLURM job, read from the variables SLURM sets in every allocation.
 
 `python -m clipscale.cluster [OVERRIDES...]` is what scripts/slurm/*.sbatch run before `srun`: it
-prints shell assignments (MASTER_ADDR, MASTER_PORT, TASKS_PER_NODE, RUN_DIR and an OVERRIDES
-array) for the script to `eval`, or one `error: ` line and exit status 1 for a layout clipscale
+prints shell assignments (MASTER_ADDR, MASTER_PORT, RUN_DIR and an OVERRIDES array of the
+script's own Hydra overrides) for the script to `eval`, or one `error: ` line and exit status 1 for a layout clipscale
 cannot use. No torch import: it runs once per job, on the batch host, before anything else.
 
 A job that SLURM starts again (requeued after a preemption, or after a node failure) finds its run
@@ -94,7 +94,7 @@ def per_rank_batch(global_batch: str, ranks: int, nodes: int, overrides: list[st
     """data.batch_size for a requested global batch, refused when the ranks do not divide it."""
     if not global_batch.isdigit() or int(global_batch) < 1:
         raise ClusterError(f"CLIPSCALE_GLOBAL_BATCH={global_batch!r} must be a positive integer")
-    if any(arg.lstrip("+").startswith("data.batch_size=") for arg in overrides):
+    if given(overrides, "data.batch_size") is not None:
         raise ClusterError(
             "CLIPSCALE_GLOBAL_BATCH and data.batch_size are both set; give one of them "
             "(the per-rank batch is CLIPSCALE_GLOBAL_BATCH / ranks)"
@@ -116,8 +116,22 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return max(candidates, key=lambda path: path.stat().st_mtime_ns, default=None)
 
 
+def given(overrides: list[str], key: str) -> str | None:
+    """The value `overrides` give `key` (as `key=`, `+key=` or `++key=`), or None."""
+    for argument in overrides:
+        name, sep, value = argument.partition("=")
+        if sep and name.lstrip("+") == key:
+            return value
+    return None
+
+
 def launch_settings(env: Mapping[str, str], overrides: list[str]) -> dict[str, str | list[str]]:
-    """MASTER_ADDR, MASTER_PORT, TASKS_PER_NODE, RUN_DIR and the extra OVERRIDES of the job in `env`."""
+    """MASTER_ADDR, MASTER_PORT, RUN_DIR and the job's OVERRIDES for the SLURM job in `env`.
+
+    OVERRIDES are the script's own (DDP, the layout, the run dir, the per-rank batch of
+    CLIPSCALE_GLOBAL_BATCH, the checkpoint a restarted job resumes from), each left out when the
+    user's `overrides` set that key: the user's value wins, and no key is given twice.
+    """
     if "SLURM_JOB_ID" not in env or "SLURM_JOB_NODELIST" not in env:
         raise ClusterError(
             "this script runs inside a SLURM job (SLURM_JOB_ID is not set): submit it with "
@@ -125,22 +139,31 @@ def launch_settings(env: Mapping[str, str], overrides: list[str]) -> dict[str, s
         )
     hosts = expand_hostlist(env["SLURM_JOB_NODELIST"])
     per_node = uniform_tasks_per_node(env.get("SLURM_TASKS_PER_NODE", "1"))
-    extra = []
+    job_id = env["SLURM_JOB_ID"]
+    run_dir = (
+        given(overrides, "paths.output_dir")
+        or f"{env.get('CLIPSCALE_RUNS', 'runs')}/slurm-{job_id}"
+    )
+    own = {
+        "trainer": "ddp",
+        "trainer.devices": str(per_node),
+        "trainer.num_nodes": str(len(hosts)),
+        "paths.output_dir": run_dir,
+    }
     if env.get("CLIPSCALE_GLOBAL_BATCH"):
         ranks = per_node * len(hosts)
         batch = per_rank_batch(env["CLIPSCALE_GLOBAL_BATCH"], ranks, len(hosts), overrides)
-        extra.append(f"data.batch_size={batch}")
-    job_id = env["SLURM_JOB_ID"]
-    run_dir = Path(env.get("CLIPSCALE_RUNS", "runs")) / f"slurm-{job_id}"
-    resume = newest_checkpoint(run_dir)
-    if resume is not None and not any(arg.startswith("ckpt_path=") for arg in overrides):
-        extra.append(f"ckpt_path={resume}")
+        own["data.batch_size"] = str(batch)
+    resume = newest_checkpoint(Path(run_dir))
+    if resume is not None:
+        own["ckpt_path"] = str(resume)
     return {
         "MASTER_ADDR": hosts[0],  # rank 0 runs on the allocation's first node
         "MASTER_PORT": str(FIRST_PORT + int(job_id) % PORT_SPAN),
-        "TASKS_PER_NODE": str(per_node),
-        "RUN_DIR": str(run_dir),
-        "OVERRIDES": extra,
+        "RUN_DIR": run_dir,
+        "OVERRIDES": [
+            f"{key}={value}" for key, value in own.items() if given(overrides, key) is None
+        ],
     }
 
 

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from clipscale.train import CONFIG_DIR
-from tests.slurm_cluster import slurm  # noqa: F401 (one SLURM cluster per session)
+from tests.slurm_cluster import job_dir, slurm  # noqa: F401 (SLURM cluster, job folders)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,12 +29,14 @@ def compose_config():
     GlobalHydra.instance().clear()
 
 
-def run_cli(*args: str, module: str = "clipscale.train", timeout: int = 600, env=None):
-    """Run `python -m <module> args...` from the repo root; returns the CompletedProcess."""
+def run_cli(
+    *args: str, module: str = "clipscale.train", timeout: int = 600, env=None, cwd=REPO_ROOT
+):
+    """Run `python -m <module> args...` in `cwd` (the repo root); returns the CompletedProcess."""
     full_env = {**os.environ, "WANDB_SILENT": "true", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", module, *args],
-        cwd=REPO_ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -271,3 +271,9 @@ def slurm(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def job_dir(tmp_path_factory) -> Path:
+    """A test module's submission directory: job outputs and runs/ land here."""
+    return tmp_path_factory.mktemp("jobs")

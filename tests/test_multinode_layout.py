@@ -71,18 +71,30 @@ def test_heterogeneous_task_counts_are_refused_naming_the_fix():
 
 def test_launch_settings_of_a_two_by_two_job(tmp_path):
     settings = launch_settings({**TWO_BY_TWO, "CLIPSCALE_RUNS": str(tmp_path)}, [])
+    run_dir = str(tmp_path / "slurm-41")
     assert settings == {
         "MASTER_ADDR": "node1",
         "MASTER_PORT": "20041",
-        "TASKS_PER_NODE": "2",
-        "RUN_DIR": str(tmp_path / "slurm-41"),
-        "OVERRIDES": [],
+        "RUN_DIR": run_dir,
+        "OVERRIDES": [
+            "trainer=ddp",
+            "trainer.devices=2",
+            "trainer.num_nodes=2",
+            f"paths.output_dir={run_dir}",
+        ],
     }
+
+
+def test_a_key_the_user_gives_replaces_the_scripts_own(tmp_path):
+    overrides = ["trainer=deepspeed", f"paths.output_dir={tmp_path}/mine", "trainer.max_steps=5"]
+    settings = launch_settings(TWO_BY_TWO, overrides)
+    assert settings["OVERRIDES"] == ["trainer.devices=2", "trainer.num_nodes=2"]
+    assert settings["RUN_DIR"] == f"{tmp_path}/mine"
 
 
 def test_a_global_batch_is_split_over_the_ranks():
     settings = launch_settings({**TWO_BY_TWO, "CLIPSCALE_GLOBAL_BATCH": "32"}, [])
-    assert settings["OVERRIDES"] == ["data.batch_size=8"]  # 32 / (2 nodes × 2 tasks)
+    assert settings["OVERRIDES"][-1] == "data.batch_size=8"  # 32 / (2 nodes × 2 tasks)
 
 
 def test_a_restarted_job_resumes_from_its_newest_checkpoint(tmp_path):
@@ -92,9 +104,11 @@ def test_a_restarted_job_resumes_from_its_newest_checkpoint(tmp_path):
         (run_dir / name).write_bytes(b"")
         time.sleep(0.01)  # distinct modification times, in this order
     env = {**TWO_BY_TWO, "CLIPSCALE_RUNS": str(tmp_path)}
-    assert launch_settings(env, [])["OVERRIDES"] == [f"ckpt_path={run_dir}/checkpoints/last.ckpt"]
+    resume = launch_settings(env, [])["OVERRIDES"][-1]
+    assert resume == f"ckpt_path={run_dir}/checkpoints/last.ckpt"
     # A ckpt_path the user gave wins; the script adds none.
-    assert launch_settings(env, ["ckpt_path=/elsewhere.ckpt"])["OVERRIDES"] == []
+    overrides = launch_settings(env, ["ckpt_path=/elsewhere.ckpt"])["OVERRIDES"]
+    assert not any(override.startswith("ckpt_path=") for override in overrides)
 
 
 def run_launcher(env: dict[str, str], *overrides: str) -> subprocess.CompletedProcess:
@@ -127,9 +141,10 @@ def test_bad_launches_end_in_one_error_line(env, overrides, names):
 def test_the_launcher_prints_assignments_bash_can_eval(tmp_path):
     result = run_launcher({**TWO_BY_TWO, "CLIPSCALE_RUNS": str(tmp_path / "my runs")})
     assert result.returncode == 0, result.stderr
-    script = f'eval {shlex.quote(result.stdout)}; echo "$MASTER_ADDR:$MASTER_PORT|$RUN_DIR|${{#OVERRIDES[@]}}"'
+    script = f'eval {shlex.quote(result.stdout)}; echo "$MASTER_ADDR:$MASTER_PORT|$RUN_DIR|${{OVERRIDES[3]}}"'
     echoed = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
-    assert echoed.stdout.strip() == f"node1:20041|{tmp_path / 'my runs'}/slurm-41|0"
+    run_dir = f"{tmp_path / 'my runs'}/slurm-41"
+    assert echoed.stdout.strip() == f"node1:20041|{run_dir}|paths.output_dir={run_dir}"
 
 
 @pytest.mark.parametrize("script", ["multi_node.sbatch", "single_node.sbatch"])

@@ -11,7 +11,6 @@ preempted run must reproduce exactly.
 import csv
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,12 +36,6 @@ TRAIN_OVERRIDES = [
     "trainer.enable_progress_bar=false",
     "eval.demo_zeroshot=false",
 ]
-
-
-@pytest.fixture(scope="module")
-def job_dir(tmp_path_factory) -> Path:
-    """Submission directory: job outputs and runs/ land here."""
-    return tmp_path_factory.mktemp("jobs")
 
 
 @pytest.fixture(scope="module")

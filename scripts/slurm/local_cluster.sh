@@ -10,7 +10,9 @@
 #   sudo scripts/slurm/local_cluster.sh down
 #
 # Each node is one slurmd in its own UTS namespace (its hostname is its node name, as on a real
-# cluster) on its own loopback port; every address is 127.0.0.1. `up` writes /etc/slurm/slurm.conf
+# cluster) on its own loopback port; every address is 127.0.0.1. Nodes share the filesystem, except
+# $CLIPSCALE_SLURM_STATE/node-local: each node sees its own empty folder there, like a node's
+# local disk (a run dir there is refused by multi_node.sbatch: the nodes must share it). `up` writes /etc/slurm/slurm.conf
 # and adds one /etc/hosts line so the node names resolve; `down` stops the daemons by their pid
 # files and puts both files back as they were. State, logs and pid files live in
 # $CLIPSCALE_SLURM_STATE (default /tmp/clipscale-slurm). It needs root and the packages slurmctld,
@@ -123,10 +125,11 @@ EOF
     echo "PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
 }
 
-# Start NODE's slurmd in a UTS namespace of its own whose hostname is NODE.
+# Start NODE's slurmd in UTS and mount namespaces of its own: its hostname is NODE, and
+# $STATE/node-local is a tmpfs only NODE sees (a compute node's local disk: not shared).
 start_node() {
-    mkdir -p "$STATE/spool-$1"
-    unshare --uts sh -c "hostname $1 && exec slurmd"
+    mkdir -p "$STATE/spool-$1" "$STATE/node-local"
+    unshare --uts --mount sh -c "mount -t tmpfs tmpfs '$STATE/node-local' && hostname $1 && exec slurmd"
 }
 
 # All nodes listed by sinfo report STATE.
