@@ -56,18 +56,28 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(tensor)
 
 
-def _communication_device() -> torch.device:
-    """NCCL moves only CUDA tensors, gloo (CPU runs) only CPU ones."""
+def communication_device() -> torch.device:
+    """The device of the process group's tensors: NCCL moves only CUDA tensors, gloo (CPU runs)
+    only CPU ones. Not the batch's device: a host-staged batch stays on the CPU under NCCL."""
     if dist.get_backend() == dist.Backend.NCCL:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest of every rank's `value` (itself on one rank)."""
+    if not is_distributed():
+        return value
+    smallest = torch.tensor(value, device=communication_device())
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    return int(smallest)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of `tensor` over ranks, no gradient, on the tensor's own device (itself on one rank)."""
     if not is_distributed():
         return tensor
-    summed = tensor.detach().to(_communication_device(), copy=True)
+    summed = tensor.detach().to(communication_device(), copy=True)
     dist.all_reduce(summed)
     return summed.to(tensor.device)
 
@@ -76,7 +86,7 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's rows in rank order; ranks may hold different row counts."""
     if not is_distributed():
         return tensor
-    device = _communication_device()
+    device = communication_device()
     local_rows = torch.tensor([tensor.shape[0]], device=device)
     row_counts = [torch.zeros_like(local_rows) for _ in range(world_size())]
     dist.all_gather(row_counts, local_rows)

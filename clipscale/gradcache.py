@@ -51,12 +51,14 @@ def full_batch_backward(model, images, texts, loss_fn: LossFn) -> torch.Tensor:
     return loss.detach()
 
 
-def _rng_state(device: torch.device) -> tuple:
+def rng_state(device: torch.device) -> tuple:
+    """The CPU generator's state and, on CUDA, `device`'s: what a replayed encode must draw again."""
     cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda_state
 
 
-def _set_rng_state(state: tuple, device: torch.device) -> None:
+def set_rng_state(state: tuple, device: torch.device) -> None:
+    """Restore a state taken by rng_state."""
     cpu_state, cuda_state = state
     torch.set_rng_state(cpu_state)
     if cuda_state is not None:
@@ -127,9 +129,9 @@ def cached_backward(
     rng_states, cached = [], []
     with torch.no_grad():
         for index in range(len(image_chunks)):
-            rng_states.append(_rng_state(device))
+            rng_states.append(rng_state(device))
             cached.append(encode_chunk(index))
-    rng_after = _rng_state(device)
+    rng_after = rng_state(device)
 
     # The loss on the cached embeddings: its graph holds only embeddings and the logit parameters.
     # leaves: image [B, D], text [B, D] (and foil [B, F, D])
@@ -147,14 +149,14 @@ def cached_backward(
 
     # Pass 2: re-encode each chunk with graph and push its slice of the cached gradient through.
     for index in range(len(image_chunks)):
-        _set_rng_state(rng_states[index], device)
+        set_rng_state(rng_states[index], device)
         embeddings = encode_chunk(index)
         # A scalar whose gradient w.r.t. the embeddings is exactly the cached slice.
         surrogate = sum(
             (emb * grad[index]).sum() for emb, grad in zip(embeddings, grads, strict=True)
         )
         backward(surrogate)
-    _set_rng_state(rng_after, device)
+    set_rng_state(rng_after, device)
     return loss.detach()
 
 

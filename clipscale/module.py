@@ -21,11 +21,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from clipscale.config import ConfigError
-from clipscale.distributed import all_reduce_gradients, all_reduce_sum, world_size
+from clipscale.distributed import (
+    all_reduce_gradients,
+    all_reduce_sum,
+    min_over_ranks,
+    world_size,
+)
 from clipscale.flops import StepFlops, peak_tflops, step_flops
 from clipscale.gradcache import (
-    _rng_state,
-    _set_rng_state,
     cached_backward,
     check_grad_cache,
     choose_chunk_size,
@@ -34,6 +37,8 @@ from clipscale.gradcache import (
     logit_params,
     peak_bytes_cpu,
     peak_bytes_cuda,
+    rng_state,
+    set_rng_state,
 )
 from clipscale.guard import NonFiniteGuard, guard_options
 from clipscale.models import build_model, normalize_images
@@ -194,10 +199,7 @@ class CLIPModule(L.LightningModule):
 
     # --- the step -------------------------------------------------------------------------------
     def on_train_start(self) -> None:
-        """With grad caching, DDP must not all-reduce after every backward: we do it once per step."""
-        wrapped = self.trainer.strategy.model
-        if self.chunk_size is not None and isinstance(wrapped, DistributedDataParallel):
-            wrapped.require_backward_grad_sync = False
+        """Count the FLOPs per sample on the training device; start a new throughput interval."""
         self.step_flops = step_flops(
             self._architecture_on_meta(),
             grad_checkpointing=bool(self.hparams.model.get("grad_checkpointing")),
@@ -225,7 +227,7 @@ class CLIPModule(L.LightningModule):
         keep the largest whose peak fits memory_fraction of the device memory, less the AdamW
         moments that the first optimizer step will allocate. Ranks agree on the smallest choice.
         The random state is restored afterwards, so training draws what it would have drawn."""
-        state = _rng_state(self.device)
+        state = rng_state(self.device)
         params = [p for p in self.parameters() if p.requires_grad]
         moments = 2 * sum(p.numel() * p.element_size() for p in params)
 
@@ -244,11 +246,8 @@ class CLIPModule(L.LightningModule):
             measure = lambda chunk: peak_bytes_cpu(lambda: run(chunk))  # noqa: E731
         budget = int(self.memory_fraction * total) - moments
         chunk = choose_chunk_size(measure, images.shape[0], budget)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            agreed = torch.tensor(chunk, device=self.device)
-            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
-            chunk = int(agreed)
-        _set_rng_state(state, self.device)
+        chunk = min_over_ranks(chunk)
+        set_rng_state(state, self.device)
         rank_zero_info(
             f"clipscale: grad_cache.chunk_size=auto chose {chunk} of a {images.shape[0]}-sample "
             f"per-rank batch (measured peak within {self.memory_fraction:g} x "
@@ -256,6 +255,14 @@ class CLIPModule(L.LightningModule):
             "of AdamW moments)"
         )
         return chunk
+
+    def _without_ddp_gradient_sync(self) -> None:
+        """Gradient caching all-reduces the gradients once per step (all_reduce_gradients), so DDP
+        must not after each backward. Lightning turns DDP's sync back on after every
+        training_step, so this runs at every step, not once."""
+        wrapped = self.trainer.strategy.model
+        if isinstance(wrapped, DistributedDataParallel):
+            wrapped.require_backward_grad_sync = False
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One optimizer step on this rank's part of the global contrastive batch."""
@@ -278,6 +285,7 @@ class CLIPModule(L.LightningModule):
             self.manual_backward(loss)  # DDP averages the gradients here
             loss = loss.detach()
         else:
+            self._without_ddp_gradient_sync()
             loss = cached_backward(
                 self.model,
                 images,

@@ -376,8 +376,7 @@ class WebDataModule(L.LightningDataModule):
 
 
 def trim_to_shortest(batch: dict) -> dict:
-    """Cut this rank's batch to the smallest batch over ranks (one all-reduce of a count)."""
-    size = torch.tensor(len(batch["keys"]), device=batch["images"].device)
-    torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MIN)
-    keep = int(size)
+    """Cut this rank's batch to the smallest batch over ranks (one all-reduce of a count, on the
+    process group's device: with host staging the images stay on the CPU under NCCL)."""
+    keep = distributed.min_over_ranks(len(batch["keys"]))
     return batch if keep == len(batch["keys"]) else keep_samples(batch, keep)
