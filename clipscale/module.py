@@ -199,7 +199,7 @@ class CLIPModule(L.LightningModule):
 
     # --- the step -------------------------------------------------------------------------------
     def on_train_start(self) -> None:
-        """Count the FLOPs per sample on the training device; start a new throughput interval."""
+        """Count the FLOPs per sample of the trained architecture; start a throughput interval."""
         self.step_flops = step_flops(
             self._architecture_on_meta(),
             grad_checkpointing=bool(self.hparams.model.get("grad_checkpointing")),
