@@ -1,27 +1,23 @@
 """What the command-line entry points share: checking the overrides before Hydra reads them,
-ending known user errors in one line, the run directory of a resumed run, and secret redaction."""
+composing the config with its mistakes told in one line, the run directory of a resumed run, the
+default output directory of an evaluation, and secret redaction."""
 
 from __future__ import annotations
 
-import functools
+import difflib
 import os
 import re
-import shutil
 import sys
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-
-class UserError(Exception):
-    """A mistake in what the user asked for; printed as one line, no traceback."""
-
+from clipscale.errors import UserError, exit_with_error
 
 # A shell brace expansion in an override's value: {000..009} or {a,b}; not Hydra's ${...}.
 _BRACE = re.compile(r"(?<!\$)\{(\d+\.\.\d+|[^{}:,$]*,[^{}:$]*)\}")
-_SECRET_WORDS = ("key", "token", "secret", "password")
+_SECRET_WORDS = ("key", "token", "secret", "password", "authorization", "bearer")
 REDACTED = "<redacted>"
 
 
@@ -32,6 +28,10 @@ def _override_key(argument: str) -> str | None:
     return argument.split("=", 1)[0].lstrip("+~")
 
 
+def _looks_like_path(value: str) -> bool:
+    return "/" in value or os.sep in value or Path(value).suffix == ".tar"
+
+
 def check_overrides(arguments: list[str]) -> list[str]:
     """Refuse a key set twice (an unquoted brace pattern the shell expanded), and quote brace
     patterns so Hydra's grammar reads `key=/d/{000..009}.tar` as one string; return the arguments."""
@@ -39,11 +39,12 @@ def check_overrides(arguments: list[str]) -> list[str]:
     repeated = [key for key, count in keys.items() if count > 1]
     if repeated:
         key = repeated[0]
-        raise UserError(
-            f"{key} is set {keys[key]} times on the command line; Hydra would keep only the last. "
-            f"A brace pattern the shell expanded does this: quote it, e.g. "
-            f'"{key}=/data/{{000..009}}.tar"'
-        )
+        values = [a.split("=", 1)[1] for a in arguments if _override_key(a) == key]
+        message = f"{key} is set {keys[key]} times on the command line; Hydra keeps only the last"
+        if any(map(_looks_like_path, values)):  # most likely a brace pattern the shell expanded
+            quoted = f'"{key}=/data/{{000..009}}.tar"'
+            message += f". A brace pattern the shell expanded does this: quote it, e.g. {quoted}"
+        raise UserError(message + f". Give {key} once")
     return [_quote_braces(argument) for argument in arguments]
 
 
@@ -57,6 +58,76 @@ def _quote_braces(argument: str) -> str:
     return f"{name}='{value}'"
 
 
+def compose_or_explain(config_dir: str, config_name: str, overrides: list[str]) -> DictConfig:
+    """The config Hydra will compose from `overrides`; a misspelt key, an unknown group option, a
+    group given without `+` or an override Hydra cannot parse raises a one-line UserError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    def composed(arguments: list[str]) -> DictConfig:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            return compose(config_name, overrides=arguments)
+
+    try:
+        return composed(overrides)
+    except MissingConfigException as error:  # logger=foo: the group exists, the option does not
+        group, _, option = (error.missing_cfg_file or "").rpartition("/")
+        if not group or error.options is None:
+            raise UserError(_one_line(str(error))) from None
+        raise UserError(
+            f"{group}={option}: no such option; choose one of {', '.join(error.options)}"
+        ) from None
+    except HydraException as error:
+        message = str(error)
+        if isinstance(error.__cause__, ConfigAttributeError | ConfigKeyError):  # not a config key
+            key = message.split("'")[1]  # "Could not override 'trainer.max_step'. ..."
+            others = [a for a in overrides if _override_key(a) != key]
+            raise UserError(_unknown_key_message(key, lambda: composed(others))) from None
+        if "No match in the defaults list" in message:  # experiment=demo: the group needs a `+`
+            key = message.split("'")[1]
+            fix = message.rsplit(" use ", 1)[-1]
+            raise UserError(f"{key} is not in the defaults list: select it with {fix}") from None
+        raise UserError(_one_line(message)) from None
+
+
+def check_command_line(config_dir: str, config_name: str) -> DictConfig | None:
+    """Check the overrides in sys.argv before Hydra reads them (quoting brace patterns there), and
+    compose them: a mistake ends the command in one `error: ` line. Returns the composed config,
+    or None when Hydra flags (--multirun, --cfg, ...) are given and Hydra is left to read them."""
+    try:
+        sys.argv[1:] = check_overrides(sys.argv[1:])
+        if any(argument.startswith("-") for argument in sys.argv[1:]):
+            return None
+        return compose_or_explain(config_dir, config_name, sys.argv[1:])
+    except UserError as error:
+        exit_with_error(str(error))
+
+
+def _unknown_key_message(key: str, compose_without) -> str:
+    try:
+        known = _dotted_keys(OmegaConf.to_container(compose_without(), resolve=False))
+    except Exception:  # another mistake among the overrides: suggest nothing
+        known = []
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    if close:
+        return f"{key} is not a config key; did you mean {close[0]}?"
+    return f"{key} is not a config key; to add it as a new key write +{key}=..."
+
+
+def _dotted_keys(node, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in node.items() if isinstance(node, dict) else ():
+        keys.append(f"{prefix}{name}")
+        keys += _dotted_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def _one_line(message: str) -> str:
+    lines = [line.strip() for line in message.split("Config search path")[0].splitlines()]
+    return "; ".join(line for line in lines if line)
+
+
 def run_dir_for_checkpoint(ckpt_path: str | None, default: str) -> str:
     """Resolver for paths.output_dir: a checkpoint inside `<run>/checkpoints/` continues `<run>`."""
     if ckpt_path:
@@ -67,7 +138,17 @@ def run_dir_for_checkpoint(ckpt_path: str | None, default: str) -> str:
     return default
 
 
+def eval_dir_for_checkpoint(checkpoint: str | None, stamp: str) -> str:
+    """Resolver for evaluate's paths.output_dir: `eval-<stamp>` in the checkpoint's run (or its
+    folder); `runs/eval-<stamp>` when there is no such checkpoint file (the command then stops)."""
+    if not checkpoint or not Path(checkpoint).is_file():
+        return f"runs/eval-{stamp}"
+    folder = run_dir_for_checkpoint(checkpoint, str(Path(checkpoint).parent))
+    return str(Path(folder) / f"eval-{stamp}")
+
+
 OmegaConf.register_new_resolver("run_dir_for_checkpoint", run_dir_for_checkpoint, replace=True)
+OmegaConf.register_new_resolver("eval_dir_for_checkpoint", eval_dir_for_checkpoint, replace=True)
 
 
 CONTINUED = "continued-"  # .hydra/continued-<time>/: the config record of each continue
@@ -114,46 +195,37 @@ def config_record(run: Path, checkpoint: Path) -> Path:
 
 
 def is_secret_key(key: str) -> bool:
-    """True for config keys that name a credential (api_key, token, secret, password)."""
+    """True for config keys that name a credential (api_key, token, secret, password, ...)."""
     return any(word in str(key).lower() for word in _SECRET_WORDS)
 
 
 def redacted(config) -> dict:
     """The resolved config as a container, with every value whose key or interpolation names a
-    secret replaced by REDACTED (interpolations such as ${oc.env:WANDB_API_KEY} are read unresolved)."""
+    secret replaced by REDACTED, at any depth of dicts and lists (interpolations such as
+    ${oc.env:WANDB_API_KEY} are read unresolved)."""
 
     def walk(node):
+        if not OmegaConf.is_config(node):
+            return node
+        unresolved = OmegaConf.to_container(node, resolve=False)  # once per dict or list
         if OmegaConf.is_dict(node):
-            result = {}
-            unresolved = OmegaConf.to_container(node, resolve=False)  # once per dict
-            for key in node:
-                raw = unresolved[key]
-                if is_secret_key(key) or (isinstance(raw, str) and _names_secret(raw)):
-                    result[key] = REDACTED
-                else:
-                    result[key] = walk(node[key]) if _is_container(node, key) else node[key]
-            return result
-        if OmegaConf.is_list(node):
-            return [walk(item) if OmegaConf.is_config(item) else item for item in node]
-        return node
+            entries = [(key, key, unresolved[key]) for key in node]
+        else:
+            entries = [(index, None, raw) for index, raw in enumerate(unresolved)]
+        result = {key: _redact_entry(node, key, name, raw, walk) for key, name, raw in entries}
+        return result if OmegaConf.is_dict(node) else list(result.values())
 
     return walk(config)
 
 
-def _is_container(node, key) -> bool:
-    value = node._get_node(key)
-    return OmegaConf.is_config(value) and not value._is_none()
+def _redact_entry(node, key, name, raw, walk):
+    if (name is not None and is_secret_key(name)) or (isinstance(raw, str) and _names_secret(raw)):
+        return REDACTED
+    return walk(node[key])  # resolved here; a value that resolves to a dict or list is walked too
 
 
 def _names_secret(raw: str) -> bool:
     return "${" in raw and any(word in raw.lower() for word in _SECRET_WORDS)
-
-
-def _fresh_run_dir(path: Path) -> bool:
-    """A run directory that holds nothing but what Hydra wrote when the job started."""
-    return path.is_dir() and all(
-        entry.name == ".hydra" or entry.suffix == ".log" for entry in path.iterdir()
-    )
 
 
 def hydra_run_dir() -> Path | None:
@@ -161,27 +233,3 @@ def hydra_run_dir() -> Path | None:
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
-
-
-def known_errors(run_dir: Callable[[], Path | None] = hydra_run_dir):
-    """Decorate an entry point: a UserError (or a config error) ends in one line on stderr and
-    exit status 1, removing a run directory the failed start left empty. HYDRA_FULL_ERROR=1 raises."""
-    from clipscale.config import ConfigError
-
-    def decorate(function):
-        @functools.wraps(function)
-        def wrapper(*args, **kwargs):
-            try:
-                return function(*args, **kwargs)
-            except (UserError, ConfigError) as error:
-                if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                    raise
-                directory = run_dir()
-                if directory is not None and _fresh_run_dir(directory):
-                    shutil.rmtree(directory, ignore_errors=True)
-                print(f"error: {error}", file=sys.stderr, flush=True)
-                sys.exit(1)
-
-        return wrapper
-
-    return decorate

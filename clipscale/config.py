@@ -1,20 +1,20 @@
 """Start-up validation of a composed config: a bad value stops the run before anything is built.
 
-Misspelled keys and unknown group options (logger=foo) are already refused by Hydra at
-composition; this checks the values.
+Misspelled keys and unknown group options (logger=foo) are refused earlier, when the command line
+is composed (clipscale.cli.compose_or_explain); this checks the values.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
+import torch
 from omegaconf import DictConfig
 
+from clipscale.errors import ConfigError
 from clipscale.models import check_model_name, check_pretrained
 
 SIGLIP_MISSING_BIAS = "loss=siglip needs a learnable logit bias (model.kwargs.init_logit_bias)"
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key, the value and the fix."""
 
 
 def _positive_int_or_null(cfg: DictConfig, key: str, allow_null: bool) -> None:
@@ -63,3 +63,24 @@ def validate_config(cfg: DictConfig) -> None:
             f"{SIGLIP_MISSING_BIAS}: add +model.kwargs.init_logit_bias=-10 "
             "+model.kwargs.init_logit_scale=2.3026"
         )
+
+
+def check_strategy_hardware(trainer_cfg: DictConfig) -> None:
+    """DeepSpeed and FSDP run on CUDA GPUs only, and DeepSpeed needs its package: refuse at start
+    (a check of this machine, not of the config's values, hence not part of validate_config)."""
+    strategy = str(trainer_cfg.get("strategy", "auto")).lower()
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    name = "deepspeed" if "deepspeed" in strategy else "fsdp" if "fsdp" in strategy else None
+    if name is None:
+        return
+    needs = f"trainer={name} needs CUDA GPUs"
+    if name == "deepspeed":
+        needs += (
+            " and the deepspeed package (docker/Dockerfile.deepspeed builds an image with it; "
+            "docker/README.md has the pip steps)"
+        )
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        found = "trainer.accelerator=cpu" if accelerator == "cpu" else "no CUDA device is visible"
+        raise ConfigError(f"{needs}; here {found}: on CPUs use trainer=ddp")
+    if name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"{needs}; it is not installed here")

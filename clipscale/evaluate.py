@@ -31,14 +31,20 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from clipscale.cli import UserError, hydra_run_dir, known_errors
+from clipscale.cli import check_command_line, hydra_run_dir
 from clipscale.data.decode import DECODE_MODES, DeviceTransform
 from clipscale.data.probe import resolve_probe_dirs
+from clipscale.errors import UserError, known_errors
 from clipscale.eval.compositional import evaluate_compositional, read_probe
 from clipscale.eval.datasets import read_dataset_info
 from clipscale.eval.retrieval import evaluate_retrieval
 from clipscale.eval.zeroshot import evaluate_zeroshot
-from clipscale.models import build_tokenizer, build_transforms, load_clip_from_checkpoint
+from clipscale.models import (
+    build_tokenizer,
+    build_transforms,
+    clip_from_checkpoint,
+    read_model_checkpoint,
+)
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 TABLE_KEYS = (
@@ -72,8 +78,23 @@ def resolve_decode(decode: str, device: torch.device) -> str:
     return decode
 
 
+def check_request(cfg: DictConfig) -> None:
+    """Refuse a missing checkpoint= and a dataset key given as a string instead of a list."""
+    if cfg.checkpoint is None:
+        raise UserError(
+            "checkpoint= is required: a run's checkpoint (checkpoint=<run>/checkpoints/last.ckpt) "
+            "or an open_clip state dict (checkpoint=FILE model_name=ViT-B-32)"
+        )
+    for key in ("zeroshot", "retrieval", "compositional"):
+        value = cfg.get(key)
+        if isinstance(value, str):
+            raise UserError(f"{key}={value} must be a list of folders: write {key}=[{value}]")
+
+
 def evaluate(cfg: DictConfig) -> dict[str, dict]:
     """Metrics of every configured dataset, keyed by dataset folder name."""
+    check_request(cfg)
+    checkpoint = read_model_checkpoint(cfg.checkpoint, cfg.model_name)  # refused before the data
     folders = [(root, "classification") for root in cfg.zeroshot]
     folders += [(root, "retrieval") for root in cfg.retrieval]
     probes = resolve_probe_dirs(cfg.get("compositional"))  # `builtin`: the default probe
@@ -98,9 +119,9 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
         raise ValueError(f"dataset folder names must be distinct (they key metrics.json): {names}")
 
     device = resolve_device(cfg.device)
-    model, model_name = load_clip_from_checkpoint(cfg.checkpoint, cfg.model_name)
-    model = model.to(device).eval()
-    tokenizer, transform = build_tokenizer(model_name), build_transforms(model_name, False)
+    model = clip_from_checkpoint(checkpoint, cfg.checkpoint).to(device)
+    tokenizer = build_tokenizer(checkpoint.name)
+    transform = build_transforms(checkpoint.name, False)
     if resolve_decode(cfg.get("decode", "worker"), device) == "device":
         transform = DeviceTransform(transform, device)  # the decoder of data.decode=device
     loader_kw = {"num_workers": cfg.num_workers, "max_samples": cfg.max_samples}
@@ -135,7 +156,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 @known_errors(hydra_run_dir)
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     """Hydra entry point: evaluate, write metrics.json, print the table."""
     try:
         results = evaluate(cfg)
@@ -147,6 +168,12 @@ def main(cfg: DictConfig) -> None:
     print(f"checkpoint {cfg.checkpoint}")
     print(format_table(results))
     print(f"metrics    {output_dir / 'metrics.json'}")
+
+
+def main() -> None:
+    """`python -m clipscale.evaluate`: check the overrides as the shell passed them, then run Hydra."""
+    check_command_line(CONFIG_DIR, "evaluate")
+    hydra_main()
 
 
 if __name__ == "__main__":

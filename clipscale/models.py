@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
 from open_clip.transform import image_transform
 from torchvision.transforms import Compose, Normalize, PILToTensor, ToTensor
+
+from clipscale.checkpoints import TRAINING, WEIGHTS, CheckpointError, describe, read_checkpoint
 
 # Model sizes shipped with clipscale (e.g. the CPU demo's "clipscale-tiny") are plain open_clip
 # JSON configs; registering the folder makes them valid `model_name`s for every open_clip call,
@@ -38,12 +40,25 @@ def check_model_name(name: str) -> None:
 
 
 def check_pretrained(pretrained: str | None) -> None:
-    """Only local weight files are allowed: nothing is downloaded at run time."""
-    if pretrained is not None and not os.path.isfile(pretrained):
+    """Only local files of open_clip weights are allowed: nothing is downloaded at run time."""
+    if pretrained is None:
+        return
+    if not os.path.isfile(pretrained):
         raise ValueError(
             f"model.pretrained={pretrained!r} is not a local file. clipscale never downloads "
             "weights: pass a path to an open_clip state dict, or null for random initialisation."
         )
+    if Path(pretrained).suffix in (".npz", ".npy"):
+        return  # big_vision SigLIP weights: open_clip reads and converts them itself
+    read_checkpoint(
+        pretrained,
+        "model.pretrained",
+        (WEIGHTS,),
+        fixes={
+            TRAINING: f"continue that run with ckpt_path={pretrained}, or write its weights "
+            f"with python -m clipscale.export checkpoint={pretrained} output=FILE"
+        },
+    )
 
 
 def build_model(
@@ -97,44 +112,63 @@ def build_tokenizer(name: str):
     return open_clip.get_tokenizer(name)
 
 
-def load_checkpoint_file(path: str):
-    """torch.load that unpickles tensors and plain containers only: a checkpoint file from a third
-    party cannot run code. Lightning checkpoints of clipscale load this way too."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"checkpoint={path!r} holds Python objects beyond tensors and plain containers, "
-            f"which clipscale refuses to unpickle (they can run code): {str(error).splitlines()[0]}"
-        ) from error
+@dataclass
+class CheckpointModel:
+    """What a checkpoint file holds of a CLIP model: enough to build it and load its weights."""
+
+    name: str  # open_clip architecture
+    kwargs: dict  # further open_clip model arguments the run used (e.g. init_logit_bias for SigLIP)
+    state_dict: dict  # open_clip keys
+
+
+def read_model_checkpoint(path: str, model_name: str | None = None) -> CheckpointModel:
+    """The model in a clipscale training checkpoint or an open_clip state dict file.
+
+    A training checkpoint names its architecture and arguments in `hyper_parameters.model`; an
+    open_clip file holds only weights, so `model_name` must be given for it.
+    """
+    kind, payload = read_checkpoint(path, "checkpoint", (TRAINING, WEIGHTS))
+    if kind == TRAINING:
+        model_cfg = payload["hyper_parameters"]["model"]
+        prefix = "model."
+        state_dict = {
+            k[len(prefix) :]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)
+        }
+        return CheckpointModel(model_cfg["name"], dict(model_cfg.get("kwargs") or {}), state_dict)
+    if model_name is None:
+        raise CheckpointError(
+            f"checkpoint={path} holds {describe(kind, payload)}, which do not name their "
+            "architecture; give it with model_name=... (e.g. ViT-B-32)"
+        )
+    state_dict = payload.get("state_dict", payload)
+    return CheckpointModel(
+        model_name, {}, {k.removeprefix("module."): v for k, v in state_dict.items()}
+    )
+
+
+def clip_from_checkpoint(checkpoint: CheckpointModel, path: str) -> torch.nn.Module:
+    """Build the checkpoint's model and load its weights (eval mode); the file is `path`."""
+    model = build_model(checkpoint.name, **checkpoint.kwargs)
+    try:  # weights of another architecture (or a wrong model_name) are told in one line
+        loaded = model.load_state_dict(checkpoint.state_dict, strict=False)
+    except RuntimeError as error:  # a shape that differs: "size mismatch for NAME: ..."
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        problem = next((line for line in lines if "size mismatch" in line), lines[-1])
+        raise CheckpointError(
+            f"checkpoint={path} does not fit {checkpoint.name}: {problem}"
+        ) from None
+    for problem, keys in (("lacks", loaded.missing_keys), ("has unknown", loaded.unexpected_keys)):
+        if keys:
+            raise CheckpointError(
+                f"checkpoint={path} does not fit {checkpoint.name}: it {problem} weights "
+                f"{', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)} in all)"
+            )
+    return model.eval()
 
 
 def load_clip_from_checkpoint(
     path: str, model_name: str | None = None
 ) -> tuple[torch.nn.Module, str]:
-    """Load (model, model_name) from a clipscale Lightning checkpoint or an open_clip state dict.
-
-    A Lightning checkpoint of ours names its architecture in `hyper_parameters.model.name`; an
-    open_clip file holds only weights, so `model_name` must be given for it.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint={path!r} does not exist")
-    payload = load_checkpoint_file(path)
-    if isinstance(payload, dict) and "state_dict" in payload and "hyper_parameters" in payload:
-        model_cfg = payload["hyper_parameters"]["model"]
-        model_name = model_cfg["name"]
-        prefix = "model."
-        state_dict = {
-            k[len(prefix) :]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)
-        }
-    else:
-        if model_name is None:
-            raise ValueError(
-                f"{path!r} is a plain state dict (open_clip format); give its architecture with "
-                "model_name=... (e.g. ViT-B-32)"
-            )
-        state_dict = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
-        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    model = build_model(model_name)
-    model.load_state_dict(state_dict)
-    return model.eval(), model_name
+    """(model, model_name) from a clipscale training checkpoint or an open_clip state dict file."""
+    checkpoint = read_model_checkpoint(path, model_name)
+    return clip_from_checkpoint(checkpoint, path), checkpoint.name

@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -34,16 +33,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from clipscale.checkpoint_io import AtomicCheckpointIO
+from clipscale.checkpoints import check_resumable
 from clipscale.cli import (
     UserError,
-    check_overrides,
+    check_command_line,
     continues_run,
     hydra_run_dir,
-    known_errors,
     redacted,
 )
-from clipscale.config import validate_config
+from clipscale.config import check_strategy_hardware, validate_config
 from clipscale.distributed import all_reduce_sum
+from clipscale.errors import known_errors
 from clipscale.eval.callback import ValidationCallback
 from clipscale.eval.curves import CurvesCallback
 from clipscale.module import CLIPModule
@@ -187,12 +187,11 @@ def log_run_facts(cfg: DictConfig, trainer: L.Trainer, module, output_dir: Path)
 
 
 def preflight(cfg: DictConfig) -> None:
-    """Refuse a missing checkpoint or missing shards before any logger or file is created."""
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
-        raise UserError(
-            f"ckpt_path={cfg.ckpt_path} does not exist; give a checkpoint file such as "
-            "<run dir>/checkpoints/last.ckpt, or leave ckpt_path unset to start a new run"
-        )
+    """Refuse a bad checkpoint, missing shards or a strategy this machine cannot run, before any
+    logger or file is created."""
+    if cfg.ckpt_path is not None:
+        check_resumable(cfg.ckpt_path)  # exists, readable, and a training checkpoint of ours
+    check_strategy_hardware(cfg.trainer)  # DeepSpeed/FSDP: CUDA GPUs (and the deepspeed package)
     if str(cfg.data.get("_target_", "")).endswith("WebDataModule"):
         from clipscale.data.shards import check_shards
 
@@ -374,11 +373,9 @@ def quiet_known_noise(cfg: DictConfig) -> None:
 
 def main() -> None:
     """`python -m clipscale.train`: check the overrides as the shell passed them, then run Hydra."""
-    try:
-        sys.argv[1:] = check_overrides(sys.argv[1:])
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    cfg = check_command_line(CONFIG_DIR, "train")
+    if cfg is not None and cfg.ckpt_path is not None:  # refused before anything is written
+        known_errors()(check_resumable)(cfg.ckpt_path)
     hydra_main()
 
 

@@ -24,7 +24,6 @@ reads. It is a pure function of `--seed` and `--per-type`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -35,6 +34,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from clipscale.data.synthetic import BACKGROUNDS, CANVAS, COLOURS, SHAPES, draw_shape
+from clipscale.errors import ArgumentParser, known_errors
 
 FOIL_TYPES = ("attribute_swap", "relation_swap", "negation")
 SIDES = ("left", "right")
@@ -242,7 +242,7 @@ def resolve_probe_dirs(roots) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: write the built-in two-object probe."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m clipscale.data.probe", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
@@ -260,4 +260,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    known_errors(also=(OSError,))(main)()  # e.g. an --output that cannot be written: one line

@@ -30,7 +30,6 @@ Evaluation layouts, the folders clip_benchmark's `wds/NAME` datasets and clipsca
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import glob
 import io
@@ -47,6 +46,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 from webdataset.shardlists import expand_urls
+
+from clipscale.errors import ArgumentParser, known_errors, removed_on_error
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +410,7 @@ def write_shards(
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: write shards from an image folder or a table of (path, caption)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m clipscale.data.shards", description=__doc__.split("\n")[0]
     )
     source = parser.add_mutually_exclusive_group(required=True)
@@ -455,32 +456,35 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{option} {value}: expected a positive integer")
     if args.images is not None and not args.images.is_dir():
         parser.error(f"--images {args.images}: not a folder")
+    if args.table is not None and not args.table.is_file():
+        parser.error(f"--table {args.table}: no such file")
     if args.layout == "zeroshot" and args.images is None:
         parser.error("--layout zeroshot reads class folders: give --images DIR (DIR/<class>/*.jpg)")
     if args.layout == "retrieval" and args.table is None:
         parser.error("--layout retrieval reads captions from a table: give --table FILE")
     if args.foils_column and (args.layout != "train" or args.table is None):
         parser.error("--foils-column needs --layout train and --table")
-    if args.layout == "zeroshot":
-        rows, classnames = class_folder_rows(args.images)
-        sizes, skipped = write_eval_layout("zeroshot", rows, args.output, args, classnames)
-    elif args.layout == "retrieval":
-        rows = caption_rows(args.table, args.path_column, args.caption_column, args.image_root)
-        sizes, skipped = write_eval_layout("retrieval", rows, args.output, args)
-    else:
-        if args.images is not None:
-            pairs = pairs_from_folder(args.images)
+    with removed_on_error(args.output):  # a failed write leaves no output folder behind
+        if args.layout == "zeroshot":
+            rows, classnames = class_folder_rows(args.images)
+            sizes, skipped = write_eval_layout("zeroshot", rows, args.output, args, classnames)
+        elif args.layout == "retrieval":
+            rows = caption_rows(args.table, args.path_column, args.caption_column, args.image_root)
+            sizes, skipped = write_eval_layout("retrieval", rows, args.output, args)
         else:
-            pairs = pairs_from_table(
-                args.table,
-                args.path_column,
-                args.caption_column,
-                args.image_root,
-                args.foils_column,
+            if args.images is not None:
+                pairs = pairs_from_folder(args.images)
+            else:
+                pairs = pairs_from_table(
+                    args.table,
+                    args.path_column,
+                    args.caption_column,
+                    args.image_root,
+                    args.foils_column,
+                )
+            sizes, skipped = write_shards(
+                pairs, args.output, args.samples_per_shard, args.resize, args.workers
             )
-        sizes, skipped = write_shards(
-            pairs, args.output, args.samples_per_shard, args.resize, args.workers
-        )
     samples, shards = sum(sizes.values()), len(sizes)
     print(
         f"wrote {samples} sample{'s' * (samples != 1)} in {shards} shard{'s' * (shards != 1)} "
@@ -495,4 +499,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    main()
+    known_errors(also=(ValueError, OSError))(main)()  # bad input files: one line, no traceback
