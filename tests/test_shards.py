@@ -14,8 +14,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from clipscale.data.shards import count_samples, main, write_shards
-from clipscale.data.sources import shard_sizes
+from clipscale.data.shards import main, write_shards
+from clipscale.data.sources import count_samples, shard_sizes
 
 FORMATS = {".jpg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -113,6 +113,20 @@ def open_rgb(data: bytes) -> Image.Image:
         return image.convert("RGB")  # forces the full decode, so truncation shows here
 
 
+def seeded_call(transform: Callable, image, seed: int):
+    """`transform(image)` with torch's CPU RNG seeded by `seed`, then restored.
+
+    torchvision's v1 random transforms draw from the global generator; seeding it per sample
+    makes the crop a function of the sample's position, whatever ran before in the process.
+    """
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)  # CPU only: CUDA generators are left alone
+    try:
+        return transform(image)
+    finally:
+        torch.set_rng_state(state)
+
+
 def random_crop_of(transform) -> RandomResizedCrop | None:
     """The RandomResizedCrop that open_clip's train transform starts with, else None."""
     steps = getattr(transform, "transforms", [])
@@ -130,7 +144,7 @@ def draw_crop(crop: RandomResizedCrop, width: int, height: int, seed: int) -> tu
     """(top, left, height, width): the box `crop` draws for a width×height image under `seed`.
 
     The worker path runs RandomResizedCrop with torch's RNG seeded by the sample's seed
-    (pipeline.seeded_call); this makes the same draws, in the same order and float32 precision,
+    (`seeded_call`); this makes the same draws, in the same order and float32 precision,
     from a generator seeded alike, without saving and restoring the global RNG state (2.5× faster,
     which matters in a worker that does little else). Bit-identical boxes are tested against
     `crop.get_params`; the rare image where every try misses falls back to that very call.
@@ -153,8 +167,6 @@ def draw_crop(crop: RandomResizedCrop, width: int, height: int, seed: int) -> tu
 
 def draw_crop_reference(crop: RandomResizedCrop, width: int, height: int, seed: int):
     """`draw_crop` by calling RandomResizedCrop.get_params under the seeded global RNG."""
-    from clipscale.data.pipeline import seeded_call  # pipeline.py imports this module
-
     shaped = torch.empty(1, 1, 1).expand(1, height, width)  # no memory: only the shape is read
     return seeded_call(lambda image: _params(crop, image), shaped, seed)
 

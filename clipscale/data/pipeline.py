@@ -23,6 +23,7 @@ from torch.utils.data import get_worker_info
 from torchvision.transforms import RandomResizedCrop
 
 from clipscale.data import decode
+from clipscale.data.decode import seeded_call
 from clipscale.data.reading import SkipCounter
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -33,20 +34,6 @@ FOILS_EXT = "foils.json"
 def sample_rng(tag: str, index: int) -> random.Random:
     """The RNG of sample `index` of the worker stream named by `tag` (seed:epoch:rank:worker)."""
     return random.Random(f"sample:{tag}:{index}")
-
-
-def seeded_call(transform: Callable, image, seed: int):
-    """`transform(image)` with torch's CPU RNG seeded by `seed`, then restored.
-
-    torchvision's v1 random transforms draw from the global generator; seeding it per sample
-    makes the crop a function of the sample's position, whatever ran before in the process.
-    """
-    state = torch.get_rng_state()
-    torch.default_generator.manual_seed(seed)  # CPU only: CUDA generators are left alone
-    try:
-        return transform(image)
-    finally:
-        torch.set_rng_state(state)
 
 
 def skip(counter: SkipCounter, kind: str, sample: dict, reason: object = "") -> None:

@@ -17,8 +17,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from webdataset import gopen
 
-from clipscale.data.shards import split_member_name
-from clipscale.data.sources import Segment
+from clipscale.data.sources import Segment, split_member_name
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ Evaluation layouts, the folders clip_benchmark's `wds/NAME` datasets and clipsca
                         classes in sorted order): OUT/test/{0..n-1}.tar with KEY.EXT, KEY.cls (the
                         integer class, ASCII) and KEY.json; OUT/test/nshards.txt; OUT/classnames.txt
                         (folder names, underscores as spaces); OUT/zeroshot_classification_templates.txt
-                        (--templates FILE, or clipscale.eval.datasets.DEFAULT_TEMPLATES)
+                        (--templates FILE, or DEFAULT_TEMPLATES below)
     --layout retrieval  from a table of (image path, caption) rows, several rows per image allowed:
                         OUT/test/{0..n-1}.tar with KEY.EXT, KEY.txt (the image's captions, one a
                         line, in table order) and KEY.json; OUT/test/nshards.txt;
@@ -39,7 +39,6 @@ import multiprocessing
 import os
 import sys
 import tarfile
-import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -47,20 +46,22 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset.shardlists import expand_urls
 
+from clipscale.data.sources import SIZES_FILE, check_countable, local_path
 from clipscale.errors import ArgumentParser, known_errors, removed_on_error
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are
-SIZES_FILE = "sizes.json"
-
-
-def local_path(url: str) -> str | None:
-    """The file path of a local shard url, None for pipe:/remote urls."""
-    if url.startswith("file:"):
-        return url.removeprefix("file://").removeprefix("file:")
-    return None if url.startswith("pipe:") or "://" in url else url
+# Zero-shot prompts for a dataset without its own templates (also ImageFolder evaluation sets)
+DEFAULT_TEMPLATES = (
+    "a photo of a {c}.",
+    "a photo of the {c}.",
+    "a picture of a {c}.",
+    "an image of a {c}.",
+    "a close-up photo of a {c}.",
+    "a drawing of a {c}.",
+)
 
 
 def expand_shards(pattern: str, key: str = "shards") -> list[str]:
@@ -104,57 +105,6 @@ def shard_urls(spec, key: str) -> list[str]:
             "patterns joined by '::', or a list of them"
         )
     return [url for pattern in patterns for url in expand_shards(pattern, key)]
-
-
-def split_member_name(name: str) -> tuple[str, str] | None:
-    """`dir/KEY.EXT` -> (dir/KEY, ext lowercased), as webdataset splits at the first dot."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not (stem and dot and ext):
-        return None
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
-def count_samples(path: str) -> int:
-    """Samples in a local tar shard, from its member headers alone (member data is skipped).
-
-    A sample is a run of consecutive members sharing a key, as clipscale.data.reading groups
-    them; directories and members without a KEY.EXT name belong to none. A shard that breaks off
-    counts the samples whose headers were read, a missing one 0: the reader counts those faults
-    (truncated_shard, unopenable_shard) when it meets them.
-    """
-    samples, last_key = 0, None
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                parts = split_member_name(member.name)
-                if member.isfile() and parts is not None and parts[0] != last_key:
-                    samples, last_key = samples + 1, parts[0]
-    except (OSError, EOFError, tarfile.TarError, zlib.error):
-        pass  # see the docstring: counted as far as it reads
-    return samples
-
-
-def check_countable(urls: list[str], key: str, *, resampled: bool, samples_per_epoch) -> None:
-    """Raise a one-line ValueError when an epoch's sample count cannot be known for `urls`.
-
-    Local shards are counted (sizes.json, else their tar headers); a pipe: or remote shard can
-    be neither: a one pass needs every shard's count, a resampled epoch `samples_per_epoch`.
-    """
-    if resampled and samples_per_epoch is not None:
-        return
-    remote = next((url for url in urls if local_path(url) is None), None)
-    if remote is None:
-        return
-    need = "a one pass (data.resampled=false) needs every shard's sample count"
-    if resampled:
-        need = "a resampled epoch needs its length"
-    raise ValueError(
-        f"{key}: {remote!r} is not a local file, so its samples cannot be counted (from "
-        f"{SIZES_FILE} or its tar headers), and {need}: set data.resampled=true "
-        "data.samples_per_epoch=N (N samples per epoch over all ranks), or copy the shards to "
-        "local disk"
-    )
 
 
 def check_shards(train_shards, val_shards, *, resampled: bool, samples_per_epoch) -> None:
@@ -272,8 +222,6 @@ def caption_rows(table: Path, path_column: str, caption_column: str, image_root:
 
 def write_eval_layout(layout: str, rows, output: Path, args, classnames=None) -> dict[str, int]:
     """Write clip_benchmark's zero-shot or retrieval layout of `rows` to `output`; sizes."""
-    from clipscale.eval.datasets import DEFAULT_TEMPLATES
-
     sizes, skipped = write_shards(
         rows, output / "test", args.samples_per_shard, args.resize, args.workers, "{}.tar"
     )

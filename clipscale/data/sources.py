@@ -21,12 +21,21 @@ import logging
 import math
 import os
 import random
+import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from clipscale.data.shards import SIZES_FILE, count_samples, local_path
-
 log = logging.getLogger(__name__)
+
+SIZES_FILE = "sizes.json"
+
+
+def local_path(url: str) -> str | None:
+    """The file path of a local shard url, None for pipe:/remote urls."""
+    if url.startswith("file:"):
+        return url.removeprefix("file://").removeprefix("file:")
+    return None if url.startswith("pipe:") or "://" in url else url
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,57 @@ class EpochPlan:
     batch_sizes: list[int]  # [batch k] -> samples planned for batch k of this rank
     samples: int  # samples planned for this rank (before skips)
     dropped: int  # samples of this rank's share left out (training: the last partial batch)
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """`dir/KEY.EXT` -> (dir/KEY, ext lowercased), as webdataset splits at the first dot."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not (stem and dot and ext):
+        return None
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def count_samples(path: str) -> int:
+    """Samples in a local tar shard, from its member headers alone (member data is skipped).
+
+    A sample is a run of consecutive members sharing a key, as clipscale.data.reading groups
+    them; directories and members without a KEY.EXT name belong to none. A shard that breaks off
+    counts the samples whose headers were read, a missing one 0: the reader counts those faults
+    (truncated_shard, unopenable_shard) when it meets them.
+    """
+    samples, last_key = 0, None
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                parts = split_member_name(member.name)
+                if member.isfile() and parts is not None and parts[0] != last_key:
+                    samples, last_key = samples + 1, parts[0]
+    except (OSError, EOFError, tarfile.TarError, zlib.error):
+        pass  # see the docstring: counted as far as it reads
+    return samples
+
+
+def check_countable(urls: list[str], key: str, *, resampled: bool, samples_per_epoch) -> None:
+    """Raise a one-line ValueError when an epoch's sample count cannot be known for `urls`.
+
+    Local shards are counted (sizes.json, else their tar headers); a pipe: or remote shard can
+    be neither: a one pass needs every shard's count, a resampled epoch `samples_per_epoch`.
+    """
+    if resampled and samples_per_epoch is not None:
+        return
+    remote = next((url for url in urls if local_path(url) is None), None)
+    if remote is None:
+        return
+    need = "a one pass (data.resampled=false) needs every shard's sample count"
+    if resampled:
+        need = "a resampled epoch needs its length"
+    raise ValueError(
+        f"{key}: {remote!r} is not a local file, so its samples cannot be counted (from "
+        f"{SIZES_FILE} or its tar headers), and {need}: set data.resampled=true "
+        "data.samples_per_epoch=N (N samples per epoch over all ranks), or copy the shards to "
+        "local disk"
+    )
 
 
 def _sizes_table(folder: str) -> dict:

@@ -17,8 +17,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from clipscale.data.decode import random_crop_of
 from clipscale.data.pipeline import batched, decoded, encoded, with_trailing_skips
 from clipscale.data.reading import SkipCounter, read_segments, shuffled
-from clipscale.data.shards import check_countable
 from clipscale.data.sources import (
+    check_countable,
     cumulative,
     epoch_order,
     one_pass_plan,

@@ -27,18 +27,10 @@ import torch
 from clipscale.data.decode import DeviceTransform, image_size
 from clipscale.data.pipeline import caption_of, image_ext_of, rgb_image_of, skip
 from clipscale.data.reading import SKIP_KINDS, SkipCounter, SkipLog, shard_samples
-from clipscale.data.shards import shard_urls
+from clipscale.data.shards import DEFAULT_TEMPLATES, shard_urls
 from clipscale.distributed import all_reduce_sum
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
-DEFAULT_TEMPLATES = (
-    "a photo of a {c}.",
-    "a photo of the {c}.",
-    "a picture of a {c}.",
-    "an image of a {c}.",
-    "a close-up photo of a {c}.",
-    "a drawing of a {c}.",
-)
 
 
 @dataclass(frozen=True)
