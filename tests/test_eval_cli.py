@@ -17,6 +17,7 @@ from clip_benchmark.datasets.builder import build_dataset, image_captions_collat
 from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
 from sklearn.metrics import balanced_accuracy_score
 
+from clipscale.checkpoints import CheckpointError
 from clipscale.eval.datasets import read_dataset_info
 from clipscale.eval.retrieval import evaluate_retrieval
 from clipscale.eval.zeroshot import evaluate_zeroshot
@@ -176,5 +177,5 @@ def test_evaluation_errors_name_the_bad_value(tmp_path):
         read_dataset_info(tmp_path)
     plain = tmp_path / "weights.pt"
     torch.save({"logit_scale": torch.tensor(1.0)}, plain)
-    with pytest.raises(ValueError, match="model_name"):
+    with pytest.raises(CheckpointError, match="model_name"):
         load_clip_from_checkpoint(str(plain))
