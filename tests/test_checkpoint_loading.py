@@ -69,6 +69,10 @@ def test_the_reader_says_what_an_unreadable_file_is(tmp_path):
         assert str(error.value).startswith(f"checkpoint={path} {said}"), str(error.value)
     with pytest.raises(CheckpointError, match="is a folder"):
         read_checkpoint(tmp_path, "checkpoint", ("weights",))
+    with pytest.raises(CheckpointError, match=f"ckpt_path={tmp_path}/nope.ckpt does not exist"):
+        check_resumable(tmp_path / "nope.ckpt")
+    with pytest.raises(CheckpointError, match="model.pretrained=.*notes.txt is a text file"):
+        check_pretrained(str(tmp_path / "notes.txt"))  # the other doors read through the same
 
 
 def test_each_door_refuses_the_wrong_kind_and_names_the_fix(tmp_path):

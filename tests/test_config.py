@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from clipscale.config import ConfigError, validate_config
+from clipscale.config import ConfigError, check_strategy_hardware, validate_config
 from clipscale.train import CONFIG_DIR, build_module
 from tests.conftest import run_cli
 
@@ -62,6 +63,19 @@ def test_grad_cache_refuses_fp16(compose_config, tmp_path):
     )
     with pytest.raises(ConfigError, match="fp16 loss scaling"):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("trainer", ["deepspeed", "fsdp"])
+def test_sharded_strategies_without_cuda_say_what_they_need(compose_config, tmp_path, trainer):
+    cfg = compose_config([f"trainer={trainer}", f"paths.output_dir={tmp_path}"])
+    validate_config(cfg)  # the values are fine; this machine is what lacks
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without CUDA")
+    with pytest.raises(ConfigError, match=f"trainer={trainer} needs CUDA GPUs.*no CUDA device"):
+        check_strategy_hardware(cfg.trainer)
+    with pytest.raises(ConfigError, match="here trainer.accelerator=cpu: on CPUs use trainer=ddp"):
+        check_strategy_hardware(OmegaConf.merge(cfg.trainer, {"accelerator": "cpu"}))
+    check_strategy_hardware(OmegaConf.create({"strategy": "ddp", "accelerator": "cpu"}))
 
 
 def test_debug_preset_runs_five_steps_without_loggers(tmp_path):
