@@ -1,6 +1,7 @@
 """Evaluate a checkpoint: `python -m clipscale.evaluate checkpoint=PATH zeroshot=[DIR] retrieval=[DIR]`.
 
-Writes `<paths.output_dir>/metrics.json` = {dataset name: {metric: value}} and prints a table.
+Writes `<paths.output_dir>/metrics.json` = {dataset name: {metric: value}} and prints a table;
+paths.output_dir defaults to `eval-<time>/` in the checkpoint's run (or beside an open_clip file).
 Zero-shot datasets report `top1`, `top5` (fractions), `mean_per_class_recall`, `per_class_top1`
 (and `coder_*` with coder.k); retrieval datasets report `image_to_text_R@1/5/10`,
 `text_to_image_R@1/5/10`, mean/median ranks and the modality-gap metrics (clipscale.eval.geometry);
