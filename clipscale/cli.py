@@ -151,6 +151,9 @@ OmegaConf.register_new_resolver("run_dir_for_checkpoint", run_dir_for_checkpoint
 OmegaConf.register_new_resolver("eval_dir_for_checkpoint", eval_dir_for_checkpoint, replace=True)
 
 
+# Keys an exact resume needs unchanged: the data stream and its position (data.*, the batch
+# size among them), the number of ranks it is split over, and the seeds of every random stream.
+RESUME_KEYS = ("seed", "data", "trainer.devices", "trainer.num_nodes")
 CONTINUED = "continued-"  # .hydra/continued-<time>/: the config record of each continue
 
 
@@ -192,6 +195,80 @@ def config_record(run: Path, checkpoint: Path) -> Path:
     }
     older = [r for r, time in written.items() if time <= checkpoint.stat().st_mtime]
     return max(older, key=written.get, default=run / ".hydra")
+
+
+def continue_from_saved_config(config_dir: str, config_name: str) -> None:
+    """`ckpt_path=<run>/checkpoints/X.ckpt`: start from the config `<run>` trained X with. The run's
+    own overrides (its record's overrides.yaml) go before those in sys.argv, which replace the
+    ones of the same key. A continue refuses a change to RESUME_KEYS (a fork, with another
+    paths.output_dir, may change anything). Prints what changed; ends in one line on a mistake."""
+    arguments = sys.argv[1:]
+    given = {_override_key(a): a.split("=", 1)[-1] for a in arguments if _override_key(a)}
+    checkpoint = Path(given.get("ckpt_path", "").strip("'\""))
+    run = run_dir_for_checkpoint(str(checkpoint), "")
+    if not run or not checkpoint.is_file() or any(a.startswith("-") for a in arguments):
+        return  # not a run's checkpoint (a missing one is reported by the training start-up)
+    run = Path(run)
+    record = config_record(run, checkpoint)
+    saved = [str(a) for a in OmegaConf.load(record / "overrides.yaml")]
+    sys.argv[1:] = [a for a in saved if _override_key(a) not in given] + arguments
+    try:
+        composed = compose_or_explain(
+            config_dir, config_name, [a for a in sys.argv[1:] if not a.startswith("hydra.")]
+        )
+        changes = config_changes(
+            OmegaConf.to_container(OmegaConf.load(record / "config.yaml")),
+            OmegaConf.to_container(composed),
+        )
+        output_dir = given.get("paths.output_dir", str(run)).strip("'\"")
+        forked = Path(output_dir).resolve() != run.resolve()
+        if not forked:
+            refuse_resume_key_changes(changes, run)
+    except UserError as error:
+        exit_with_error(str(error))
+    if launcher_rank() == 0:
+        start = f"forking {run} into {output_dir}" if forked else f"continuing {run}"
+        changed = ", ".join(
+            f"{key} {_shown(key, old)} -> {_shown(key, new)}" for key, old, new in changes
+        )
+        print(
+            f"clipscale: {start} from {record / 'config.yaml'}; "
+            + (f"changed: {changed}" if changed else "no key changed"),
+            flush=True,
+        )
+
+
+def _shown(key: str, value) -> str:
+    if is_secret_key(key):
+        return REDACTED
+    return "{...}" if isinstance(value, dict) else str(value)
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) of every difference; a section only one side has is one
+    entry (its value shown as `(none)` on the other side). `ckpt_path` is not counted."""
+    changes = []
+    for key in [*old, *(key for key in new if key not in old)]:
+        name, before, after = f"{prefix}{key}", old.get(key, "(none)"), new.get(key, "(none)")
+        if name == "ckpt_path" or before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += config_changes(before, after, f"{name}.")
+        else:
+            changes.append((name, before, after))
+    return changes
+
+
+def refuse_resume_key_changes(changes: list[tuple[str, object, object]], run: Path) -> None:
+    """Raise a UserError naming the first change to a key an exact resume needs unchanged."""
+    for key, before, after in changes:
+        if any(key == k or key.startswith(f"{k}.") or k.startswith(f"{key}.") for k in RESUME_KEYS):
+            raise UserError(
+                f"{key} would change from {before} to {after} on a continue of {run}; an exact "
+                "resume keeps the run's seed, data (data.batch_size included) and world size "
+                "(trainer.devices, trainer.num_nodes): drop that override, or fork the run into "
+                "a new directory with paths.output_dir=<new dir>"
+            )
 
 
 def is_secret_key(key: str) -> bool:

@@ -37,6 +37,7 @@ from clipscale.checkpoints import check_resumable
 from clipscale.cli import (
     UserError,
     check_command_line,
+    continue_from_saved_config,
     continues_run,
     hydra_run_dir,
     redacted,
@@ -376,6 +377,7 @@ def main() -> None:
     cfg = check_command_line(CONFIG_DIR, "train")
     if cfg is not None and cfg.ckpt_path is not None:  # refused before anything is written
         known_errors()(check_resumable)(cfg.ckpt_path)
+    continue_from_saved_config(CONFIG_DIR, "train")
     hydra_main()
 
 
