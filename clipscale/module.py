@@ -43,11 +43,11 @@ from clipscale.gradcache import (
 from clipscale.guard import NonFiniteGuard, guard_options
 from clipscale.models import build_model, normalize_images
 from clipscale.optim import (
+    ContinuableSchedule,
     build_optimizer,
     parameter_groups,
     steps_with_amp_scaling,
     unscale_and_clip,
-    warmup_cosine,
 )
 
 LAST_LOGGED = ("train/loss", "train/temperature")  # kept in checkpoints for the run summary
@@ -208,6 +208,22 @@ class CLIPModule(L.LightningModule):
         self._peak_tflops = peak_tflops(self.device)
         self._interval_start, self._interval_samples = None, 0
         self._interval_model_flops = self._interval_hardware_flops = 0.0
+        self._continue_schedule()
+
+    def _continue_schedule(self) -> None:
+        """A resume that plans another total keeps the checkpoint's rates up to the resume step,
+        then decays from the rate reached there over the new remaining steps (no jump)."""
+        scheduler = self.lr_schedulers()
+        schedule = scheduler.lr_lambdas[0]
+        old_end, step = schedule.end_step, scheduler.last_epoch
+        if not schedule.continue_to(step, int(self.trainer.estimated_stepping_batches)):
+            return  # the optimizer's restored rate is the new schedule's at `step`: no jump
+        rank_zero_info(
+            f"clipscale: learning-rate schedule continued at step {step}: lr "
+            f"{scheduler.optimizer.param_groups[0]['lr']:.4g}, decaying to "
+            f"{schedule.min_lr_ratio:g} x base by step {schedule.end_step} (the checkpoint's "
+            f"schedule ended at step {old_end})"
+        )
 
     def _architecture_on_meta(self) -> torch.nn.Module:
         """The trained architecture with meta tensors (shapes only, nothing allocated): FLOPs are
@@ -464,7 +480,9 @@ class CLIPModule(L.LightningModule):
             parameter_groups(self.model, optim["optimizer"].get("weight_decay", 0.0)),
         )
         total_steps = int(self.trainer.estimated_stepping_batches)
-        schedule = warmup_cosine(optim["warmup_steps"], total_steps, optim.get("min_lr_ratio", 0.0))
+        schedule = ContinuableSchedule(
+            optim["warmup_steps"], total_steps, optim.get("min_lr_ratio", 0.0)
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {
             "optimizer": optimizer,

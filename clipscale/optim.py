@@ -1,4 +1,5 @@
-"""CLIP's optimiser parameter groups and the warmup-then-cosine learning-rate schedule."""
+"""CLIP's optimiser parameter groups and the warmup-then-cosine learning-rate schedule (continued
+without a jump when a resumed run plans more steps)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,54 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return multiplier
+
+
+def cosine_decay(start_multiplier: float, steps: int, min_lr_ratio: float):
+    """LR multiplier over `steps` steps from `start_multiplier` down to `min_lr_ratio` (cosine)."""
+
+    def multiplier(step: int) -> float:
+        progress = min(1.0, step / max(1, steps))
+        return min_lr_ratio + (start_multiplier - min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
+
+    return multiplier
+
+
+class ContinuableSchedule:
+    """warmup_cosine, continued without a jump when a resumed run plans another total.
+
+    LambdaLR keeps a callable object's attributes in its state dict, so a checkpoint restores the
+    schedule the run trained with; `continue_to` then keeps it up to the resume step and decays
+    from the rate reached there over the new remaining steps (once per lengthened resume).
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_lr_ratio = min_lr_ratio
+        self.decays: list[list] = []  # [start step, multiplier there, end step] per continuation
+
+    @property
+    def end_step(self) -> int:
+        """The step at which the rate reaches min_lr_ratio."""
+        return self.decays[-1][2] if self.decays else self.total_steps
+
+    def __call__(self, step: int) -> float:
+        for start, start_multiplier, end in reversed(self.decays):
+            if step >= start:
+                return cosine_decay(start_multiplier, end - start, self.min_lr_ratio)(step - start)
+        return warmup_cosine(self.warmup_steps, self.total_steps, self.min_lr_ratio)(step)
+
+    def continue_to(self, step: int, total_steps: int) -> bool:
+        """Plan `total_steps` from `step` on, the rates up to `step` unchanged; False if no change."""
+        if total_steps == self.end_step:
+            return False
+        if step < self.warmup_steps and not self.decays:
+            self.total_steps = total_steps  # warmup is the same whatever the total
+        else:
+            self.decays.append([step, self(step), total_steps])
+        return True
 
 
 def resolve_fused(value, params) -> bool | None:
