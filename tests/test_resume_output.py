@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from clipscale.preemption import RunCSVLogger
+from clipscale.train import logger_lines
 from tests.conftest import run_cli
 from tests.test_data_webdataset import good_members, jpeg_bytes, write_clean_shards, write_tar
 
@@ -108,3 +110,9 @@ def test_resume_from_the_max_steps_checkpoint_validates_and_reports_its_loss(run
 def test_summary_counts_the_skipped_samples_by_kind(runs):
     skipped = runs["uninterrupted"]["summary"]["skipped_samples_by_kind"]
     assert {kind: n for kind, n in skipped.items() if n} == {"corrupt_image": 1}
+
+
+def test_summary_logs_line_is_absolute_like_the_others(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (line,) = logger_lines(RunCSVLogger("runs/relative"))  # as ${paths.output_dir} gives it
+    assert line.split()[1] == str(tmp_path / "runs" / "relative" / "csv")
