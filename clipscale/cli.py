@@ -109,7 +109,11 @@ def _unknown_key_message(key: str, compose_without) -> str:
         known = _dotted_keys(OmegaConf.to_container(compose_without(), resolve=False))
     except Exception:  # another mistake among the overrides: suggest nothing
         known = []
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    name = key.rsplit(".", 1)[-1]  # `max_steps=3` for trainer.max_steps: the same last part
+    close = (
+        difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+        or [known_key for known_key in known if known_key.rsplit(".", 1)[-1] == name][:1]
+    )
     if close:
         return f"{key} is not a config key; did you mean {close[0]}?"
     return f"{key} is not a config key; to add it as a new key write +{key}=..."

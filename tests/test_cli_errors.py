@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from PIL import Image
 
-from clipscale.cli import REDACTED, UserError, check_overrides, redacted
+from clipscale.cli import REDACTED, UserError, check_overrides, compose_or_explain, redacted
 from clipscale.config import ConfigError, validate_config
 from clipscale.data.shards import write_shards
 from clipscale.train import CONFIG_DIR
@@ -75,6 +75,24 @@ def test_brace_patterns_reach_hydra_as_one_string():
     ]
     with pytest.raises(UserError, match="seed is set 2 times"):
         check_overrides(["seed=1", "+seed=2"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.max_step=3"], "trainer.max_step is not a config key; did you mean trainer.max_steps?"),
+        (["max_steps=3"], "did you mean trainer.max_steps?"),
+        (["trainer=ddp", "trainer.devics=2"], "did you mean trainer.devices?"),
+        (["model.kwargs.init_bias=1"], "to add it as a new key write +model.kwargs.init_bias=..."),
+        (["loss=sigmoid"], "loss=sigmoid: no such option; choose one of clip, siglip"),
+        (["experiment=demo"], "experiment is not in the defaults list: select it with +experiment=demo"),
+        (["seed=1,2"], "Ambiguous value for argument 'seed=1,2'; 1. To use it as a list"),
+    ],
+)  # fmt: skip
+def test_composition_mistakes_are_one_line_with_the_fix(overrides, message):
+    with pytest.raises(UserError) as error:
+        compose_or_explain(CONFIG_DIR, "train", overrides)
+    assert message in str(error.value) and "\n" not in str(error.value)
 
 
 # --- errors after start-up (the one-line cases are in test_bad_inputs.py) -------------------------
