@@ -48,7 +48,8 @@ def checkpoint_kind(payload: Any) -> str | None:
     open_clip state dict, possibly under `state_dict`), None for anything else."""
     if not isinstance(payload, dict):
         return None
-    model = payload.get("hyper_parameters", {}).get("model")
+    hyper_parameters = payload.get("hyper_parameters")
+    model = hyper_parameters.get("model") if isinstance(hyper_parameters, dict) else None
     if isinstance(payload.get("state_dict"), dict) and isinstance(model, dict) and "name" in model:
         return TRAINING
     weights = payload.get("state_dict", payload)
