@@ -24,16 +24,19 @@ from tests.test_data_webdataset import TINY, jpeg_bytes, write_tar
 SAMPLES = 24
 
 
-def _share_of_rank(rank: int, world_size: int, shards: str, out_dir: str) -> None:
+def _share_of_rank(rank: int, world_size: int, shards: str, dirty: list, out_dir: str) -> None:
     data = WebDataModule(
         val_shards=shards, batch_size=5, num_workers=0, model_name="clipscale-tiny"
     )
     data.setup("validate")
     indices = [i for i, _ in _datamodule_share(data.val_dataloader(), num_workers=0)]
     torch.save(torch.cat(indices), f"{out_dir}/rank{rank}.pt")
+    # the same two ranks validate on shards with unreadable samples (_val_sets)
+    metrics = _validation_metrics(dirty, "worker", 0)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(metrics))
 
 
-def test_each_validation_sample_is_seen_once_over_two_ranks(tmp_path: Path):
+def test_two_ranks_see_each_sample_once_and_count_each_skip_once(tmp_path: Path):
     rng = np.random.default_rng(0)
     (tmp_path / "images").mkdir()
     pairs = []
@@ -43,9 +46,16 @@ def test_each_validation_sample_is_seen_once_over_two_ranks(tmp_path: Path):
         pairs.append((str(path), f"picture {index}"))
     write_shards(pairs, tmp_path / "val", 6, resize=None, workers=1)
     shards = str(tmp_path / "val" / "shard-{000000..000003}.tar")
-    run_distributed(_share_of_rank, 2, shards, str(tmp_path))
+    dirty, clean = _val_sets(tmp_path / "faulty")
+    run_distributed(_share_of_rank, 2, shards, dirty, str(tmp_path))
     seen = torch.cat([torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)])
     assert len(seen) == SAMPLES and len(set(seen.tolist())) == SAMPLES
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # every rank logs the same numbers
+    assert ranks[0].pop("val/skipped_samples") == 4  # the cut shard: once, not once per rank
+    reference = _validation_metrics(clean, "worker", 0)
+    reference.pop("val/skipped_samples")
+    assert ranks[0] == pytest.approx(reference, rel=1e-5)
 
 
 def _val_sets(folder: Path) -> tuple[list[str], list[str]]:
@@ -98,19 +108,3 @@ def test_unreadable_validation_samples_are_skipped_and_counted(tmp_path, mode, n
     assert metrics.pop("val/skipped_samples") == 4
     assert reference.pop("val/skipped_samples") == 0
     assert metrics == pytest.approx(reference, rel=1e-6)  # exactly the readable samples scored
-
-
-def _skips_of_rank(rank: int, world_size: int, shards: list[str], out_dir: str) -> None:
-    metrics = _validation_metrics(shards, "worker", 0)
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(metrics))
-
-
-def test_validation_skips_are_counted_once_over_ranks(tmp_path):
-    dirty, clean = _val_sets(tmp_path / "val")
-    run_distributed(_skips_of_rank, 2, dirty, str(tmp_path))
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0] == ranks[1]  # every rank logs the same numbers
-    assert ranks[0].pop("val/skipped_samples") == 4  # the cut shard: once, not once per rank
-    reference = _validation_metrics(clean, "worker", 0)
-    reference.pop("val/skipped_samples")
-    assert ranks[0] == pytest.approx(reference, rel=1e-5)
