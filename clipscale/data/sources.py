@@ -118,15 +118,10 @@ def _sizes_table(folder: str) -> dict:
         return json.load(file)
 
 
-def shard_sizes(urls: list[str], count_unlisted: bool = False) -> list[int] | None:
-    """Per-shard sample counts from the sizes.json files beside `urls`; None if any is unknown.
-
-    With `count_unlisted`, a local shard that no sizes.json lists is counted from its tar
-    headers (shards.count_samples: no image is read), so only pipe: and remote shards stay
-    unknown.
-    """
+def _listed_sizes(urls: list[str]) -> list[int | None] | None:
+    """Each shard's count in the sizes.json beside it (None if unlisted); None for a remote url."""
     tables: dict[str, dict] = {}
-    sizes, counted = [], []
+    sizes: list[int | None] = []
     for url in urls:
         path = local_path(url)
         if path is None:
@@ -134,22 +129,33 @@ def shard_sizes(urls: list[str], count_unlisted: bool = False) -> list[int] | No
         folder, name = os.path.split(path)
         if folder not in tables:
             tables[folder] = _sizes_table(folder)
-        if name in tables[folder]:
-            sizes.append(int(tables[folder][name]))
-        elif count_unlisted:
-            sizes.append(count_samples(path))
-            counted.append(sizes[-1])
-        else:
-            return None
-    if counted:
+        sizes.append(int(tables[folder][name]) if name in tables[folder] else None)
+    return sizes
+
+
+def shard_sizes(urls: list[str], count_unlisted: bool = False) -> list[int] | None:
+    """Per-shard sample counts from the sizes.json files beside `urls`; None if any is unknown.
+
+    With `count_unlisted`, a local shard that no sizes.json lists is counted from its tar
+    headers (`count_samples`: no image is read), so only pipe: and remote shards stay unknown.
+    """
+    sizes = _listed_sizes(urls)
+    unlisted = [] if sizes is None else [i for i, size in enumerate(sizes) if size is None]
+    if sizes is None or (unlisted and not count_unlisted):
+        return None
+    if unlisted:
+        # Said before counting: a large set takes a while (~1 s per 10,000-sample shard).
         log.info(
-            "data: %d of %d shards are not listed in a %s beside them: counted their samples "
-            "from the tar headers (%d samples)",
-            len(counted),
+            "data: %d of %d shards are not listed in a %s beside them: counting their samples "
+            "from the tar headers (a %s listing them skips this, as does a resampled epoch "
+            "of data.samples_per_epoch)",
+            len(unlisted),
             len(urls),
             SIZES_FILE,
-            sum(counted),
+            SIZES_FILE,
         )
+    for i in unlisted:
+        sizes[i] = count_samples(local_path(urls[i]))
     return sizes
 
 
