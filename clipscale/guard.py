@@ -25,8 +25,6 @@ gradients (and overflow is routine for it), so the guard then checks only the lo
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 
@@ -119,11 +117,11 @@ class NonFiniteGuard:
             if check:
                 self._stop_if_diverged()
             return True
-        if not bool(flag):  # host path: the one wait for the device
+        self._stop_if_diverged()  # host path: the counters are read at every step
+        if not bool(flag):
             optimizer.step()
             scheduler.step()
             return True
-        self._stop_if_diverged()
         if not loss_only:
             # No gradient, no update: AdamW skips parameters without .grad (moments, step count and
             # weight decay untouched). optimizer.step() still runs so Lightning counts the step.
@@ -134,14 +132,10 @@ class NonFiniteGuard:
 
     def _count(self, flag: torch.Tensor, loss: torch.Tensor, step: int) -> None:
         """Update the counters with device arithmetic only (nothing here waits for the device)."""
-        if not isinstance(self.skipped_steps, torch.Tensor):
-            as_tensor = functools.partial(torch.tensor, dtype=torch.float64, device=flag.device)
-            self.skipped_steps, self.consecutive, self.limit_step = (
-                as_tensor(float(value))
-                for value in (self.skipped_steps, self.consecutive, self.limit_step)
-            )
-            self.last_finite_loss = as_tensor(float(self.last_finite_loss))
-            self.limit_loss = as_tensor(float(self.limit_loss))
+        if not isinstance(self.skipped_steps, torch.Tensor):  # the first step: onto the device
+            for name in self.state_dict():  # every counter a checkpoint keeps
+                value = torch.tensor(float(getattr(self, name)), dtype=torch.float64)
+                setattr(self, name, value.to(flag.device))
         flag = flag.to(self.consecutive.dtype)
         self.skipped_steps = self.skipped_steps + flag
         self.consecutive = (self.consecutive + flag) * flag  # resets to 0 on a finite step
