@@ -271,7 +271,7 @@ class DeviceDecoder:
         failed = len(lengths) - int(valid.sum())
         if failed:
             notes = [
-                ("corrupt_image", "a data.decode=device batch", f"{key} no decoder accepts it")
+                ("corrupt_image", "a data.decode=device batch", key)
                 for key, ok in zip(batch["keys"], valid.tolist(), strict=True)
                 if not ok
             ]

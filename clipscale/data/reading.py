@@ -93,7 +93,7 @@ class SkipLog:
             self.shards[kind] += 1
             if self.shards[kind] <= LOGGED_SHARDS_PER_KIND:
                 log.warning(
-                    "skipped %s in %s (%s); further %s skips of this shard are counted only",
+                    "skipped %s in %s (%s); later %s skips there are counted, not logged",
                     kind,
                     shard,
                     detail or "no detail",

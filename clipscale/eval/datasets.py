@@ -253,7 +253,7 @@ class EvalLoader(torch.utils.data.DataLoader):
         images, valid = self.dataset.transform.decode(encoded)
         for index in indices[~valid].tolist():
             counts["corrupt_image"] += 1
-            notes.append(("corrupt_image", "a decode=device batch", f"sample {index}: undecodable"))
+            notes.append(("corrupt_image", "a data.decode=device batch", f"sample {index}"))
         kept = [target for target, ok in zip(targets, valid.tolist(), strict=True) if ok]
         return indices[valid], images, kept
 
