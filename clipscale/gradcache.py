@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from clipscale.config import ConfigError
+from clipscale.errors import ConfigError
 
 LossFn = Callable[..., torch.Tensor]
 # encode_fn(images, texts) -> (image_emb, text_emb); prepare(images, texts) -> (images, texts)

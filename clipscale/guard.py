@@ -28,8 +28,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from clipscale.cli import UserError
-from clipscale.config import ConfigError
+from clipscale.errors import ConfigError, UserError
 from clipscale.optim import steps_with_amp_scaling
 
 

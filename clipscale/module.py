@@ -20,13 +20,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from clipscale.config import ConfigError
 from clipscale.distributed import (
     all_reduce_gradients,
     all_reduce_sum,
     min_over_ranks,
     world_size,
 )
+from clipscale.errors import ConfigError
 from clipscale.flops import StepFlops, peak_tflops, step_flops
 from clipscale.gradcache import (
     cached_backward,
