@@ -41,7 +41,8 @@ import torch
 from PIL import Image
 
 from clipscale.data import decode
-from clipscale.data.shards import expand_shards, write_shards
+from clipscale.data.shards import write_shards
+from clipscale.data.sources import expand_shards
 from clipscale.data.webdataset import EpochLoader, ShardStream
 from clipscale.models import build_tokenizer, build_transforms
 

@@ -485,7 +485,8 @@ def test_loader_benchmark_device_parts_run_at_tiny_size_on_cpu(tmp_path):
     """benchmarks/bench_loader.py's byte-shipping and device-decode measurements, 16 images."""
     import importlib.util
 
-    from clipscale.data.shards import expand_shards, write_shards
+    from clipscale.data.shards import write_shards
+    from clipscale.data.sources import expand_shards
     from clipscale.models import build_tokenizer
 
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_loader.py"

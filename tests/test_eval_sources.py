@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from clipscale.data.shards import shard_urls
+from clipscale.data.sources import shard_urls
 from clipscale.eval.callback import ValidationCallback
 from clipscale.models import build_model
 from tests.eval_fixtures import write_retrieval_dataset

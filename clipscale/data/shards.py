@@ -1,4 +1,4 @@
-"""Write webdataset shards from captioned images, and list shards for reading.
+"""Write webdataset shards from captioned images; check a run's shard options (`check_shards`).
 
     python -m clipscale.data.shards --images DIR --output OUT
     python -m clipscale.data.shards --table pairs.parquet --path-column url --caption-column text \
@@ -31,7 +31,6 @@ Evaluation layouts, the folders clip_benchmark's `wds/NAME` datasets and clipsca
 from __future__ import annotations
 
 import contextlib
-import glob
 import io
 import json
 import logging
@@ -39,14 +38,13 @@ import multiprocessing
 import os
 import sys
 import tarfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
-from webdataset.shardlists import expand_urls
 
-from clipscale.data.sources import SIZES_FILE, check_countable, local_path
+from clipscale.data.sources import SIZES_FILE, check_countable, shard_urls
 from clipscale.errors import ArgumentParser, known_errors, removed_on_error
 
 log = logging.getLogger(__name__)
@@ -62,49 +60,6 @@ DEFAULT_TEMPLATES = (
     "a close-up photo of a {c}.",
     "a drawing of a {c}.",
 )
-
-
-def expand_shards(pattern: str, key: str = "shards") -> list[str]:
-    """Urls of a shard pattern: braces expanded, local globs matched; raise if nothing matches."""
-    urls = []
-    for url in expand_urls(pattern):
-        path = local_path(url)
-        if path is not None and any(c in path for c in "*?["):
-            urls.extend(sorted(glob.glob(path)))
-        else:
-            urls.append(url)
-    local = [p for p in map(local_path, urls) if p is not None]
-    missing = [p for p in local if not os.path.isfile(p)]
-    if not urls or (local and len(missing) == len(local)):
-        raise FileNotFoundError(
-            f"{key}={pattern!r} matches no shard file; give existing .tar paths as a brace "
-            "pattern such as /data/shard-{000000..000099}.tar, or a pipe: command"
-        )
-    if missing:
-        log.warning(
-            "%s: %d of %d shards do not exist (first %r); each read of one counts as unopenable_shard",
-            key,
-            len(missing),
-            len(local),
-            missing[0],
-        )
-    return urls
-
-
-def shard_urls(spec, key: str) -> list[str]:
-    """Urls of a shard spec: a brace pattern, `a::b`, or a list of those; pipe: commands kept."""
-    if isinstance(spec, str):
-        patterns = [spec]
-    elif isinstance(spec, Iterable) and not isinstance(spec, (bytes, Mapping)):
-        patterns = list(spec)  # list, tuple or omegaconf ListConfig
-    else:
-        patterns = []
-    if not patterns or not all(isinstance(p, str) and p.strip() for p in patterns):
-        raise ValueError(
-            f"{key}={spec!r}: expected a brace pattern such as /data/shard-{{000000..000099}}.tar, "
-            "patterns joined by '::', or a list of them"
-        )
-    return [url for pattern in patterns for url in expand_shards(pattern, key)]
 
 
 def check_shards(train_shards, val_shards, *, resampled: bool, samples_per_epoch) -> None:

@@ -1,10 +1,12 @@
 """Which shards, and which samples of them, each rank and loader worker reads in an epoch.
 
-Two ways to read a shard set:
+Shard specs expand to urls here (`shard_urls`), and each shard's sample count comes from the
+sizes.json beside it or, for a local shard it does not list, from the tar headers
+(`count_samples`). Two ways to read a shard set:
 - resampled: each worker draws shards with replacement from an RNG seeded by
   (seed, epoch, rank, worker), forever; the epoch ends after a fixed number of batches.
 - one pass: the epoch's shards (shuffled for training) are laid end to end as one sequence of
-  N samples (counts from sizes.json). Rank r reads samples [r·N/P, (r+1)·N/P); inside it, each
+  N samples (the counts above). Rank r reads samples [r·N/P, (r+1)·N/P); inside it, each
   worker reads one contiguous block. A block may begin or end inside a shard: the reader skips
   the shard's first samples without decoding them. Every sample has exactly one reader.
 
@@ -15,6 +17,7 @@ receives is fixed by the plan alone; this is what makes the position resumable.
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import logging
@@ -23,8 +26,10 @@ import os
 import random
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+
+from webdataset.shardlists import expand_urls
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,49 @@ def local_path(url: str) -> str | None:
     if url.startswith("file:"):
         return url.removeprefix("file://").removeprefix("file:")
     return None if url.startswith("pipe:") or "://" in url else url
+
+
+def expand_shards(pattern: str, key: str = "shards") -> list[str]:
+    """Urls of a shard pattern: braces expanded, local globs matched; raise if nothing matches."""
+    urls = []
+    for url in expand_urls(pattern):
+        path = local_path(url)
+        if path is not None and any(c in path for c in "*?["):
+            urls.extend(sorted(glob.glob(path)))
+        else:
+            urls.append(url)
+    local = [p for p in map(local_path, urls) if p is not None]
+    missing = [p for p in local if not os.path.isfile(p)]
+    if not urls or (local and len(missing) == len(local)):
+        raise FileNotFoundError(
+            f"{key}={pattern!r} matches no shard file; give existing .tar paths as a brace "
+            "pattern such as /data/shard-{000000..000099}.tar, or a pipe: command"
+        )
+    if missing:
+        log.warning(
+            "%s: %d of %d shards do not exist (first %r); each read of one counts as unopenable_shard",
+            key,
+            len(missing),
+            len(local),
+            missing[0],
+        )
+    return urls
+
+
+def shard_urls(spec, key: str) -> list[str]:
+    """Urls of a shard spec: a brace pattern, `a::b`, or a list of those; pipe: commands kept."""
+    if isinstance(spec, str):
+        patterns = [spec]
+    elif isinstance(spec, Iterable) and not isinstance(spec, (bytes, Mapping)):
+        patterns = list(spec)  # list, tuple or omegaconf ListConfig
+    else:
+        patterns = []
+    if not patterns or not all(isinstance(p, str) and p.strip() for p in patterns):
+        raise ValueError(
+            f"{key}={spec!r}: expected a brace pattern such as /data/shard-{{000000..000099}}.tar, "
+            "patterns joined by '::', or a list of them"
+        )
+    return [url for pattern in patterns for url in expand_shards(pattern, key)]
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,7 @@ from clipscale import distributed
 from clipscale.data.decode import DECODE_MODES, DeviceDecoder, keep_samples
 from clipscale.data.loader import EpochLoader, StreamPosition, gather_rank_states
 from clipscale.data.reading import SKIP_KINDS
-from clipscale.data.shards import expand_shards, shard_urls
-from clipscale.data.sources import check_countable
+from clipscale.data.sources import check_countable, expand_shards, shard_urls
 from clipscale.data.sources import shard_sizes as read_shard_sizes
 from clipscale.data.stream import ShardStream
 from clipscale.data.synthetic import check_hard_negatives

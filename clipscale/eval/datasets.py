@@ -27,7 +27,8 @@ import torch
 from clipscale.data.decode import DeviceTransform, image_size
 from clipscale.data.pipeline import caption_of, image_ext_of, rgb_image_of, skip
 from clipscale.data.reading import SKIP_KINDS, SkipCounter, SkipLog, shard_samples
-from clipscale.data.shards import DEFAULT_TEMPLATES, shard_urls
+from clipscale.data.shards import DEFAULT_TEMPLATES
+from clipscale.data.sources import shard_urls
 from clipscale.distributed import all_reduce_sum
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
