@@ -7,7 +7,7 @@
     python benchmarks/compositional_saddle.py --model clipscale-tiny-sincos --mirror-pairs  # the demo
     python benchmarks/compositional_saddle.py --demo-items --seed 1   # the demo's items and model
 
-The tiny model on the two-object scenes of clipscale.data.probe, trained the way
+The tiny model on the two-object scenes of clipscale.data.scenes, trained the way
 `+experiment=demo_compositional` trains it (captions: 2/3 relation, 1/3 negation; foils:
 attribute_swap and one relation_swap; AdamW 1e-3, 20 warm-up steps, cosine, clip 1.0, batch 128),
 but without Lightning and on scenes rendered once up front, so one variant takes minutes on a CPU.
@@ -46,7 +46,7 @@ from open_clip.constants import OPENAI_DATASET_STD as STD
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipscale.data import probe  # noqa: E402
+from clipscale.data import probe, scenes  # noqa: E402
 from clipscale.data.synthetic import SyntheticDataModule  # noqa: E402
 from clipscale.eval.compositional import evaluate_compositional  # noqa: E402
 from clipscale.losses import ClipLoss  # noqa: E402
@@ -63,7 +63,7 @@ MODEL = "clipscale-tiny"
 DEMO_RECIPE = OmegaConf.load(
     Path(__file__).resolve().parents[1] / "configs/experiment/demo_compositional.yaml"
 )
-COLOURS = list(probe.COLOURS)
+COLOURS = list(scenes.COLOURS)
 
 
 def render_training_scenes(model: str, count: int, seed: int) -> dict[str, torch.Tensor]:
@@ -73,20 +73,20 @@ def render_training_scenes(model: str, count: int, seed: int) -> dict[str, torch
     images, captions, foils, left, mirror_captions, mirror_foils = [], [], [], [], [], []
     for index in range(count):
         rng = random.Random(f"{seed}/train/{index}/two")
-        scene = probe.draw_scene(rng)
-        image = probe.render_scene(scene, rng)
-        relation, negation = probe.true_relation(scene, rng), probe.true_negation(scene, rng)
+        scene = scenes.draw_scene(rng)
+        image = scenes.render_scene(scene, rng)
+        relation, negation = scenes.true_relation(scene, rng), scenes.true_negation(scene, rng)
         torch.manual_seed(zlib.crc32(f"{seed}/train/{index}".encode()))
         images.append(transform(image))
         captions += [relation.text(), negation.text()]
         foils += [
-            probe.make_foil(kind, scene, relation, rng).text() for kind in probe.FOIL_TYPES[:2]
+            scenes.make_foil(kind, scene, relation, rng).text() for kind in scenes.FOIL_TYPES[:2]
         ]
         left.append([COLOURS.index(scene.left.colour), COLOURS.index(scene.right.colour)])
         mirror, mirrored = scene.mirrored(), relation.mirrored()
         mirror_captions.append(mirrored.text())
         mirror_foils += [
-            probe.make_foil(kind, mirror, mirrored, rng).text() for kind in probe.FOIL_TYPES[:2]
+            scenes.make_foil(kind, mirror, mirrored, rng).text() for kind in scenes.FOIL_TYPES[:2]
         ]
     return {
         "images": torch.stack(images),  # uint8 [n, 3, 32, 32]
@@ -206,7 +206,7 @@ def main() -> None:
             model.eval()
             metrics = evaluate_compositional(model, tokenizer, eval_transform, probe_dir, 500)
             model.train()
-            scores = {kind: round(metrics[kind], 3) for kind in probe.FOIL_TYPES}
+            scores = {kind: round(metrics[kind], 3) for kind in scenes.FOIL_TYPES}
             print(
                 f"step {step:5d}  loss {loss.item():.3f}  {scores}  {time.perf_counter() - start:.0f} s"
             )

@@ -5,7 +5,7 @@ position and size on a plain background, with a caption that names colour and sh
 details. A sample is a pure function of (seed, split, index), so every run, rank and worker sees
 the same data. The class of a sample is "<colour> <shape>" (24 classes) for the zero-shot check.
 
-With `objects=2` the training split holds two-object scenes instead (clipscale.data.probe: two
+With `objects=2` the training split holds two-object scenes instead (clipscale.data.scenes: two
 shapes side by side, captions such as "a red circle left of a blue square" or "a red circle and
 no green triangle"; label -1); the held-out split stays one-object, so the zero-shot check is
 unchanged. With `hard_negatives` (two-object data only) each training sample also carries up to
@@ -29,19 +29,11 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from clipscale.data import scenes
+from clipscale.data.scenes import BACKGROUNDS, CANVAS, COLOURS, FOIL_TYPES, SHAPES, draw_shape
 from clipscale.models import build_tokenizer, build_transforms
 from clipscale.preemption import resumable_sampler
 
-SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = {
-    "red": (215, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (45, 80, 215),
-    "yellow": (235, 210, 40),
-    "purple": (140, 60, 185),
-    "orange": (240, 135, 25),
-}
-BACKGROUNDS = {"white": (245, 245, 245), "grey": (128, 128, 128), "black": (15, 15, 15)}
 POSITIONS = ("top left", "top right", "bottom left", "bottom right", "centre")
 CLASSNAMES = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
 TEMPLATES = ("a photo of a {c}.", "a drawing of a {c}.", "a {c}.")
@@ -54,7 +46,6 @@ CAPTIONS = (
     "a photo of a {colour} {shape}.",
 )
 SPLITS = {"train": 0, "val": 1}
-CANVAS = 64  # drawn larger than the tiny model's 32 px input so the resize gives smooth edges
 
 
 def _centre(position: str, radius: int, rng: random.Random) -> tuple[int, int]:
@@ -65,23 +56,6 @@ def _centre(position: str, radius: int, rng: random.Random) -> tuple[int, int]:
     x = rng.randint(low, middle) if "left" in position else rng.randint(middle, high)
     y = rng.randint(low, middle) if "top" in position else rng.randint(middle, high)
     return x, y
-
-
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, radius: int, fill) -> None:
-    """Draw one of SHAPES centred at (x, y) with the given radius and fill colour."""
-    box = (x - radius, y - radius, x + radius, y + radius)
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif shape == "triangle":
-        draw.polygon(
-            [(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=fill
-        )
-    else:
-        arm = max(2, radius // 3)
-        draw.rectangle((x - radius, y - arm, x + radius, y + arm), fill=fill)
-        draw.rectangle((x - arm, y - radius, x + arm, y + radius), fill=fill)
 
 
 def draw_sample(seed: int, split: str, index: int) -> tuple[Image.Image, str, int]:
@@ -114,25 +88,21 @@ def draw_two_object_sample(
     `mirrored`: the same scene seen in a mirror, with the mirrored relation caption (a relation
     caption is drawn for it when the scene's own caption is a negation, which a mirror leaves true).
     """
-    from clipscale.data import probe  # probe draws with this module's colours and shapes
-
     rng = random.Random(f"{seed}/{split}/{index}/two")
-    scene = probe.draw_scene(rng)
-    image = probe.render_scene(scene, rng)
-    caption = probe.true_caption(scene, rng)
+    scene = scenes.draw_scene(rng)
+    image = scenes.render_scene(scene, rng)
+    caption = scenes.true_caption(scene, rng)
     if mirrored:
         image, scene = ImageOps.mirror(image), scene.mirrored()
         relation = caption.kind == "relation"
-        caption = caption.mirrored() if relation else probe.true_relation(scene, rng)
-    foils = [probe.make_foil(kind, scene, caption, rng) for kind in foil_types]
+        caption = caption.mirrored() if relation else scenes.true_relation(scene, rng)
+    foils = [scenes.make_foil(kind, scene, caption, rng) for kind in foil_types]
     texts = [foil.text() for foil in foils if foil is not None]
     return image, caption.text(), texts[:max_foils]
 
 
 def check_hard_negatives(hard_negatives, max_hard_negatives: int, objects: int) -> tuple:
     """The validated `data.hard_negatives` as a tuple of foil types (empty for null)."""
-    from clipscale.data.probe import FOIL_TYPES
-
     if hard_negatives is None:
         return ()
     if isinstance(hard_negatives, str) or not all(isinstance(k, str) for k in hard_negatives):
