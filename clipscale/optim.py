@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from clipscale.config import ConfigError
+from clipscale.errors import ConfigError
 
 
 def exclude_from_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
