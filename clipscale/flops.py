@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from clipscale.towers import IMAGE, TEXT, keep_locked_in_eval
+
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched against the CUDA
 # device name. A device not listed logs achieved TFLOP/s but no MFU.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
@@ -38,10 +40,11 @@ class StepFlops:
     """Per-sample FLOPs of a training step: the useful work (what MFU counts) and the executed
     work (what HFU counts: gradient checkpointing and gradient caching encode twice)."""
 
-    forward: EncoderFlops  # one forward pass
     training: EncoderFlops  # forward + backward without recomputation
     executed: EncoderFlops  # forward + backward as the model runs it (checkpointing recomputes)
-    grad_cache: bool  # gradient caching adds one forward without graph (its first pass)
+    # what gradient caching adds: one forward without graph (its first pass) of each trained
+    # tower; a locked tower is encoded once, in that pass (zeros without gradient caching)
+    reencoded: EncoderFlops
 
     def model(self, foils: int = 0) -> float:
         """Useful FLOPs of one sample with `foils` foil captions: forward and backward once."""
@@ -49,8 +52,7 @@ class StepFlops:
 
     def hardware(self, foils: int = 0) -> float:
         """FLOPs the device executes for one sample with `foils` foil captions."""
-        first_pass = self.forward.per_sample(foils) if self.grad_cache else 0.0
-        return self.executed.per_sample(foils) + first_pass
+        return self.executed.per_sample(foils) + self.reencoded.per_sample(foils)
 
 
 def counted_flops(run: Callable[[], None]) -> float:
@@ -73,7 +75,7 @@ def encoder_flops(model, backward: bool) -> EncoderFlops:
     def run(encode, inputs) -> Callable[[], None]:
         def step() -> None:
             features = encode(inputs)
-            if backward:
+            if backward and features.requires_grad:  # a locked tower has nothing to train
                 features.sum().backward()
 
         return step
@@ -84,11 +86,14 @@ def encoder_flops(model, backward: bool) -> EncoderFlops:
     )
 
 
-def step_flops(model, grad_checkpointing: bool, grad_cache: bool) -> StepFlops:
+def step_flops(
+    model, grad_checkpointing: bool, grad_cache: bool, locked: frozenset[str] = frozenset()
+) -> StepFlops:
     """Count a training step's per-sample FLOPs on `model`, a copy of the trained architecture on
     the meta device (built without gradient checkpointing; it is switched on here for the count
-    of what runs)."""
+    of what runs), its towers locked as in training (`locked`: those with nothing to train)."""
     model.train()  # patch dropout keeps its share of the tokens, as in every training pass
+    keep_locked_in_eval(model, locked)  # as CLIPModule.train leaves them
     # tensors open_clip makes inside the encoders (patch dropout's scores) on the model's device
     with torch.device(next(model.parameters()).device):
         forward = encoder_flops(model, backward=False)
@@ -97,7 +102,11 @@ def step_flops(model, grad_checkpointing: bool, grad_cache: bool) -> StepFlops:
         if grad_checkpointing:
             model.set_grad_checkpointing(True)
             executed = encoder_flops(model, backward=True)
-    return StepFlops(forward, training, executed, grad_cache)
+    reencoded = EncoderFlops(
+        forward.image * (grad_cache and IMAGE not in locked),
+        forward.text * (grad_cache and TEXT not in locked),
+    )
+    return StepFlops(training, executed, reencoded)
 
 
 def peak_tflops(device: torch.device) -> float | None:

@@ -11,6 +11,7 @@ Activation memory is bounded by one chunk; the logit scale gets its gradient onc
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -31,17 +32,27 @@ def logit_params(model) -> tuple[torch.Tensor, ...]:
     return (scale,) if bias is None else (scale, bias)
 
 
-def encode(model, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised (image_features [B, D], text_features [B, D])."""
-    image_features = F.normalize(model.encode_image(images), dim=-1)
-    text_features = F.normalize(model.encode_text(texts), dim=-1)
-    return image_features, text_features
+def encode(model, images, texts, locked: frozenset[str] = frozenset()) -> tuple:
+    """L2-normalised (image_features [B, D], text_features [B, D]). A tower named in `locked`
+    ("image", "text": clipscale/towers.py) runs without a graph; a None input gives None."""
+    return (
+        encode_tower(model.encode_image, images, "image" in locked),
+        encode_tower(model.encode_text, texts, "text" in locked),
+    )
 
 
-def encode_foils(model, foil_texts: torch.Tensor) -> torch.Tensor:
+def encode_tower(encoder, inputs: torch.Tensor | None, locked: bool) -> torch.Tensor | None:
+    """L2-normalised encoder(inputs) [B, D], without a graph for a locked tower."""
+    if inputs is None:
+        return None
+    with torch.no_grad() if locked else contextlib.nullcontext():
+        return F.normalize(encoder(inputs), dim=-1)
+
+
+def encode_foils(model, foil_texts: torch.Tensor, locked: frozenset[str] = frozenset()):
     """L2-normalised foil caption embeddings [B, F, D] of foil tokens [B, F, L]."""
-    flat = model.encode_text(foil_texts.flatten(0, 1))  # [B*F, D]
-    return F.normalize(flat, dim=-1).view(*foil_texts.shape[:2], -1)
+    flat = encode_tower(model.encode_text, foil_texts.flatten(0, 1), "text" in locked)  # [B*F, D]
+    return flat.view(*foil_texts.shape[:2], -1)
 
 
 def full_batch_backward(model, images, texts, loss_fn: LossFn) -> torch.Tensor:
@@ -84,6 +95,7 @@ def cached_backward(
     encode_fn: EncodeFn | None = None,
     prepare: PrepareFn | None = None,
     pad_last_chunk: bool = False,
+    locked: frozenset[str] = frozenset(),
 ) -> torch.Tensor:
     """Gradient-cached forward/backward of `loss_fn` on (images, texts); returns the loss value.
 
@@ -98,31 +110,38 @@ def cached_backward(
     `pad_last_chunk` pads a smaller last chunk with zero rows to `chunk_size` and drops their
     embeddings: a compiled encoder then never sees a new shape. Exact, because every layer is
     per-sample (BatchNorm is refused upstream) and the padded rows get no gradient.
+    `locked` towers (clipscale/towers.py: no trained parameter, eval mode, so no randomness) are
+    encoded once, in pass 1: pass 2 re-encodes only the trained towers.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(
             f"grad_cache.chunk_size must be a positive integer or null, got {chunk_size!r}"
         )
-    encode_fn = encode_fn or (lambda im, tx: encode(model, im, tx))
+    encode_fn = encode_fn or (lambda im, tx: encode(model, im, tx, locked))
     device = next(model.parameters()).device  # the RNG to replay is the encoder's, not the batch's
     image_chunks = images.split(chunk_size)
     text_chunks = texts.split(chunk_size)
     foil_chunks = foils[0].split(chunk_size) if foils is not None else [None] * len(image_chunks)
 
-    def encode_chunk(index: int) -> list[torch.Tensor]:
-        """[image_emb, text_emb] (+ foil_emb) of chunk `index`, in one fixed order of RNG use."""
-        chunk_images, chunk_texts = image_chunks[index], text_chunks[index]
+    def encode_chunk(index: int, skip: frozenset[str] = frozenset()) -> list:
+        """[image_emb, text_emb] (+ foil_emb) of chunk `index`, in one fixed order of RNG use;
+        None for the towers in `skip`."""
+        chunk_images = None if "image" in skip else image_chunks[index]
+        chunk_texts = None if "text" in skip else text_chunks[index]
         if prepare is not None:
             chunk_images, chunk_texts = prepare(chunk_images, chunk_texts)
-        rows = chunk_images.shape[0]
+        rows = len(text_chunks[index])
         if pad_last_chunk and rows < chunk_size:
             chunk_images, chunk_texts = (
-                pad_rows(chunk_images, chunk_size),
-                pad_rows(chunk_texts, chunk_size),
+                None if chunk is None else pad_rows(chunk, chunk_size)
+                for chunk in (chunk_images, chunk_texts)
             )
-        embeddings = [emb[:rows] for emb in encode_fn(chunk_images, chunk_texts)]
+        embeddings = [
+            None if emb is None else emb[:rows] for emb in encode_fn(chunk_images, chunk_texts)
+        ]
         if foils is not None:
-            embeddings.append(encode_foils(model, foil_chunks[index]))
+            skipped = "text" in skip
+            embeddings.append(None if skipped else encode_foils(model, foil_chunks[index], locked))
         return embeddings
 
     # Pass 1: embeddings without graph, remembering each chunk's RNG state.
@@ -147,13 +166,16 @@ def cached_backward(
         for leaf in leaves
     ]
 
-    # Pass 2: re-encode each chunk with graph and push its slice of the cached gradient through.
-    for index in range(len(image_chunks)):
+    # Pass 2: re-encode each chunk's trained towers with graph and push its slice of the cached
+    # gradient through (a locked tower has no parameter to reach).
+    for index in range(len(image_chunks) if len(locked) < 2 else 0):
         set_rng_state(rng_states[index], device)
-        embeddings = encode_chunk(index)
+        embeddings = encode_chunk(index, skip=locked)
         # A scalar whose gradient w.r.t. the embeddings is exactly the cached slice.
         surrogate = sum(
-            (emb * grad[index]).sum() for emb, grad in zip(embeddings, grads, strict=True)
+            (emb * grad[index]).sum()
+            for emb, grad in zip(embeddings, grads, strict=True)
+            if emb is not None
         )
         backward(surrogate)
     set_rng_state(rng_after, device)

@@ -45,10 +45,12 @@ from clipscale.models import build_model, normalize_images
 from clipscale.optim import (
     ContinuableSchedule,
     build_optimizer,
+    group_table,
     parameter_groups,
     steps_with_amp_scaling,
     unscale_and_clip,
 )
+from clipscale.towers import keep_locked_in_eval, lock_towers, locked_towers
 
 LAST_LOGGED = ("train/loss", "train/temperature")  # kept in checkpoints for the run summary
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learnable temperature at 1/100
@@ -112,6 +114,8 @@ class CLIPModule(L.LightningModule):
             patch_dropout=model.get("patch_dropout"),
             **dict(model.get("kwargs") or {}),
         )
+        lock_towers(self.model, model)  # model.lock_image*, model.lock_text* (open_clip's flags)
+        self.locked = locked_towers(self.model)  # no trained parameter: eval mode, no graph
         # model.compile: one compiled function encodes a chunk (or the whole batch): both towers
         # and the normalisation in one graph, called by both grad-cache passes. It is not a
         # submodule, so checkpoint keys stay those of the open_clip model.
@@ -148,14 +152,26 @@ class CLIPModule(L.LightningModule):
     # --- encoders -------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, texts: torch.Tensor):
         """L2-normalised (image_features [B, D], text_features [B, D]); compiled with model.compile."""
-        return (self.compiled_encode() or functools.partial(encode, self.model))(images, texts)
+        encoder = self.compiled_encode() or functools.partial(
+            encode, self.model, locked=self.locked
+        )
+        return encoder(images, texts)
 
     def compiled_encode(self):
         """The compiled chunk encoder with model.compile, else None. Built on first use and left
         out of pickles (ddp_spawn sends the module to its processes; each compiles its own)."""
         if self._compile and self._compiled_encode is None:
-            self._compiled_encode = torch.compile(functools.partial(encode, self.model))
+            self._compiled_encode = torch.compile(
+                functools.partial(encode, self.model, locked=self.locked)
+            )
         return self._compiled_encode
+
+    def train(self, mode: bool = True):
+        """Set train mode, except for locked towers: they stay in eval mode (as open_clip's
+        frozen weights were evaluated: no dropout, fixed BatchNorm statistics)."""
+        super().train(mode)
+        keep_locked_in_eval(self.model, self.locked)
+        return self
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -176,9 +192,11 @@ class CLIPModule(L.LightningModule):
 
     def _prepare_chunk(self, images: torch.Tensor, texts: torch.Tensor):
         """A chunk as the encoder takes it: on the model's device (a no-op when it is there; a
-        non-blocking copy from pinned memory when staged on the host), images normalised."""
-        images = images.to(self.device, non_blocking=True)
-        return self.float_images(images), texts.to(self.device, non_blocking=True)
+        non-blocking copy from pinned memory when staged on the host), images normalised. A
+        None (a locked tower that gradient caching does not re-encode) stays None."""
+        if images is not None:
+            images = self.float_images(images.to(self.device, non_blocking=True))
+        return images, None if texts is None else texts.to(self.device, non_blocking=True)
 
     def stages_on_host(self, device: torch.device) -> bool:
         """grad_cache.stage_on_host for this run: auto means on CUDA with gradient caching."""
@@ -204,6 +222,7 @@ class CLIPModule(L.LightningModule):
             self._architecture_on_meta(),
             grad_checkpointing=bool(self.hparams.model.get("grad_checkpointing")),
             grad_cache=self.chunk_size is not None,
+            locked=self.locked,
         )
         self._peak_tflops = peak_tflops(self.device)
         self._interval_start, self._interval_samples = None, 0
@@ -230,12 +249,14 @@ class CLIPModule(L.LightningModule):
         counted on it, so the trained model, wrapped or sharded by a strategy, stays untouched."""
         model = self.hparams.model
         with torch.device("meta"):
-            return build_model(
+            architecture = build_model(
                 model["name"],
                 patch_dropout=model.get("patch_dropout"),
                 device="meta",
                 **dict(model.get("kwargs") or {}),
             )
+        lock_towers(architecture, model)  # the counts skip the backward of locked parameters
+        return architecture
 
     def _auto_chunk_size(self, images: torch.Tensor, texts: torch.Tensor) -> int:
         """grad_cache.chunk_size=auto, resolved on the first batch: measure a forward/backward of
@@ -293,9 +314,9 @@ class CLIPModule(L.LightningModule):
         # Hard-negative captions (data.hard_negatives): tokens [B, F, L] and a mask [B, F].
         foils = (batch["foil_texts"], batch["foil_mask"]) if "foil_texts" in batch else None
         if self.chunk_size is None:
-            extra = (
-                {} if foils is None else {"foils": (encode_foils(self.model, foils[0]), foils[1])}
-            )
+            extra = {}
+            if foils is not None:
+                extra["foils"] = (encode_foils(self.model, foils[0], self.locked), foils[1])
             embeddings = self.encode(self.float_images(images), texts)
             loss = self.loss_fn(*embeddings, *logit_params(self.model), **extra)
             self.manual_backward(loss)  # DDP averages the gradients here
@@ -313,6 +334,7 @@ class CLIPModule(L.LightningModule):
                 encode_fn=self.compiled_encode(),
                 prepare=self._prepare_chunk,  # host-staged chunks are copied here, in both passes
                 pad_last_chunk=self._compile,  # a compiled encoder sees one chunk shape only
+                locked=self.locked,  # encoded once, in the first pass
             )
             all_reduce_gradients(self.parameters())
 
@@ -475,10 +497,15 @@ class CLIPModule(L.LightningModule):
         optim = self.hparams.optim
         # optim.optimizer.fused: auto -> fused AdamW when the parameters are on CUDA (resolved
         # here: Lightning has moved the model to its device before configure_optimizers).
-        optimizer = build_optimizer(
-            optim["optimizer"],
-            parameter_groups(self.model, optim["optimizer"].get("weight_decay", 0.0)),
+        groups = parameter_groups(
+            self.model,
+            optim["optimizer"].get("weight_decay", 0.0),
+            image_lr_scale=optim.get("image_lr_scale", 1.0),
+            text_lr_scale=optim.get("text_lr_scale", 1.0),
+            layer_decay=optim.get("layer_decay"),
         )
+        optimizer = build_optimizer(optim["optimizer"], groups)
+        rank_zero_info(group_table(optimizer, self.locked))
         total_steps = int(self.trainer.estimated_stepping_batches)
         schedule = ContinuableSchedule(
             optim["warmup_steps"], total_steps, optim.get("min_lr_ratio", 0.0)

@@ -4,10 +4,12 @@ without a jump when a resumed run plans more steps)."""
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
 from clipscale.errors import ConfigError
+from clipscale.towers import IMAGE, TEXT, tower_of
 
 
 def exclude_from_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -15,16 +17,126 @@ def exclude_from_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim < 2 or "embedding" in name or "logit_" in name
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weight matrices, and everything `exclude_from_weight_decay` names."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if exclude_from_weight_decay(name, param) else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+def check_lr_scaling(image_lr_scale, text_lr_scale, layer_decay) -> None:
+    """Refuse optim.image_lr_scale / text_lr_scale / layer_decay values that cannot work."""
+    for key, value in (("image_lr_scale", image_lr_scale), ("text_lr_scale", text_lr_scale)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(
+                f"optim.{key}={value!r} is invalid: it must be a number >= 0, the factor on "
+                "optim.optimizer.lr for that tower's parameters (1 = the base rate)"
+            )
+    if layer_decay is not None and (
+        isinstance(layer_decay, bool)
+        or not isinstance(layer_decay, int | float)
+        or not 0 < layer_decay <= 1
+    ):
+        raise ConfigError(
+            f"optim.layer_decay={layer_decay!r} is invalid: it must be null (off) or a number in "
+            "(0, 1], each block's rate being scaled by layer_decay^(its depth from the top)"
+        )
+
+
+BLOCK_INDEX = re.compile(r"\.resblocks\.(\d+)\.")  # open_clip's transformer blocks, in both towers
+STEM = ("embedding", "conv1", "ln_pre", "cls_emb")  # what comes before the first block
+
+
+def tower_depth(names: list[str], tower: str) -> int:
+    """Number of transformer blocks in `tower` (0 for a tower without open_clip resblocks)."""
+    indices = [
+        int(m.group(1)) for n in names if tower_of(n) == tower and (m := BLOCK_INDEX.search(n))
     ]
+    return max(indices, default=-1) + 1
+
+
+def layer_id(name: str, depth: int) -> int:
+    """EVA-CLIP's layer numbering: 0 for the stem, i + 1 for block i, depth + 1 for the head."""
+    block = BLOCK_INDEX.search(name)
+    if block:
+        return int(block.group(1)) + 1
+    return 0 if any(part in name for part in STEM) else depth + 1
+
+
+def lr_scales(model, image_lr_scale=1.0, text_lr_scale=1.0, layer_decay=None) -> dict[str, float]:
+    """Each parameter's factor on the base rate: its tower's scale, times layer_decay^(depth of
+    its layer from the top of its tower) with layer decay. The logit scale/bias keep factor 1."""
+    check_lr_scaling(image_lr_scale, text_lr_scale, layer_decay)
+    names = [name for name, _ in model.named_parameters()]
+    depth = {tower: tower_depth(names, tower) for tower in (IMAGE, TEXT)}
+    if layer_decay is not None and not all(depth.values()):
+        raise ConfigError(
+            f"optim.layer_decay={layer_decay} needs transformer blocks in both towers; this "
+            f"model has {depth[IMAGE]} image and {depth[TEXT]} text blocks. Use optim.layer_decay=null"
+        )
+    tower_scale = {IMAGE: image_lr_scale, TEXT: text_lr_scale, None: 1.0}
+    scales = {}
+    for name in names:
+        tower = tower_of(name)
+        scale = float(tower_scale[tower])
+        if layer_decay is not None and tower is not None:
+            scale *= layer_decay ** (depth[tower] + 1 - layer_id(name, depth[tower]))
+        scales[name] = scale
+    return scales
+
+
+def parameter_groups(
+    model: torch.nn.Module,
+    weight_decay: float,
+    image_lr_scale: float = 1.0,
+    text_lr_scale: float = 1.0,
+    layer_decay: float | None = None,
+) -> list[dict]:
+    """AdamW groups of the trained parameters (locked ones get no optimizer state): one per rate
+    factor (`lr_scales`), split into decayed weight matrices and what `exclude_from_weight_decay`
+    names. Without rate scaling these are the two groups [decayed, not decayed]."""
+    scales = lr_scales(model, image_lr_scale, text_lr_scale, layer_decay)
+    groups: dict[tuple[float, bool], dict] = {}
+    layers: dict[tuple[float, bool], set] = {}
+    names = [name for name, _ in model.named_parameters()]
+    depth = {tower: tower_depth(names, tower) for tower in (IMAGE, TEXT)}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        scale = scales[name]
+        for decayed in (True, False):  # a rate's decayed group first, as the two groups always were
+            key = (scale, decayed)
+            groups.setdefault(key, {"params": [], "weight_decay": weight_decay if decayed else 0.0})
+            groups[key]["lr_scale"] = scale
+            layers.setdefault(key, set())
+        key = (scale, not exclude_from_weight_decay(name, param))
+        groups[key]["params"].append(param)
+        tower = tower_of(name)
+        layers[key].add((tower or "logit", layer_id(name, depth[tower]) if tower else 0))
+    return [
+        {**group, "name": group_name(layers[key])}
+        for key, group in groups.items()
+        if group["params"]
+    ]
+
+
+def group_name(layers: set[tuple[str, int]]) -> str:
+    """'image 0-3, text 1' for a group holding layers 0..3 of the image tower and 1 of the text."""
+    parts = []
+    for tower in sorted({tower for tower, _ in layers}):
+        ids = sorted(layer for t, layer in layers if t == tower)
+        span = str(ids[0]) if ids[0] == ids[-1] else f"{ids[0]}-{ids[-1]}"
+        parts.append(tower if tower == "logit" else f"{tower} {span}")
+    return ", ".join(parts)
+
+
+def group_table(optimizer: torch.optim.Optimizer, locked: frozenset[str]) -> str:
+    """The optimizer's parameter groups as printed at start: layers, rate, weight decay, sizes."""
+    lines = [
+        "clipscale: optimizer groups (layers: 0 = stem, i + 1 = block i, then the head)"
+        + (f"; locked towers, not trained: {', '.join(sorted(locked))}" if locked else ""),
+        f"  {'layers':<24} {'lr':>10} {'weight decay':>12} {'tensors':>8} {'parameters':>12}",
+    ]
+    for group in optimizer.param_groups:
+        numel = sum(p.numel() for p in group["params"])
+        lines.append(
+            f"  {group.get('name', ''):<24} {group['lr']:>10.3g} {group['weight_decay']:>12g} "
+            f"{len(group['params']):>8} {numel:>12,}"
+        )
+    return "\n".join(lines)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
@@ -108,6 +220,8 @@ def build_optimizer(optimizer_cfg: dict, groups: list[dict]) -> torch.optim.Opti
 
     cfg = dict(optimizer_cfg)
     fused = resolve_fused(cfg.pop("fused", None), [p for g in groups for p in g["params"]])
+    if "lr" in cfg:  # each group's rate: the base rate times the group's factor (lr_scales)
+        groups = [{**group, "lr": cfg["lr"] * group.get("lr_scale", 1.0)} for group in groups]
     extra = {} if fused is None else {"fused": fused}
     return instantiate(cfg)(groups, **extra)
 
