@@ -39,7 +39,7 @@ from clipscale.errors import UserError, known_errors
 from clipscale.eval.compositional import evaluate_compositional, read_probe
 from clipscale.eval.datasets import read_dataset_info
 from clipscale.eval.retrieval import evaluate_retrieval
-from clipscale.eval.zeroshot import evaluate_zeroshot
+from clipscale.eval.zeroshot import evaluate_zeroshot, zeroshot_dataset_info
 from clipscale.models import (
     build_tokenizer,
     build_transforms,
@@ -108,7 +108,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
         read_probe(root)  # refuse a bad probe.jsonl before loading the model
     infos = []
     for root, expected in folders:
-        info = read_dataset_info(root)
+        read_info = zeroshot_dataset_info if expected == "classification" else read_dataset_info
+        info = read_info(root)  # a zero-shot entry may be imagenet:DIR
         if info.dataset_type != expected:
             listed = "zeroshot" if expected == "classification" else "retrieval"
             raise ValueError(

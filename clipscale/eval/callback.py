@@ -26,7 +26,12 @@ from clipscale.eval.retrieval import (
     evaluate_retrieval,
     score_image_caption_set,
 )
-from clipscale.eval.zeroshot import evaluate_zeroshot, topk_correct, zeroshot_classifier
+from clipscale.eval.zeroshot import (
+    evaluate_zeroshot,
+    topk_correct,
+    zeroshot_classifier,
+    zeroshot_dataset_info,
+)
 from clipscale.models import build_tokenizer, build_transforms
 
 
@@ -155,7 +160,8 @@ class ValidationCallback(Callback):
             )
         self.every_n_steps = every_n_steps or 0
         # read metadata now so a wrong folder fails at start-up, not after hours of training
-        self.zeroshot = [read_dataset_info(root) for root in zeroshot or ()]
+        # a zero-shot entry is a folder or imagenet:DIR
+        self.zeroshot = [zeroshot_dataset_info(entry) for entry in zeroshot or ()]
         self.retrieval = [read_dataset_info(root) for root in retrieval or ()]
         for info in self.zeroshot + self.retrieval:
             expected = "classification" if info in self.zeroshot else "retrieval"

@@ -9,9 +9,12 @@ accuracies) are summed over ranks, so a sharded run reports exactly the single-p
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 from clipscale.distributed import all_gather_rows, all_reduce_sum, rank, world_size
 from clipscale.eval.coder import (
@@ -19,9 +22,45 @@ from clipscale.eval.coder import (
     neighbour_zeroshot_logits,
     split_support_query,
 )
-from clipscale.eval.datasets import EvalDatasetInfo, eval_loader
+from clipscale.eval.datasets import (
+    EvalDatasetInfo,
+    eval_loader,
+    image_folder_info,
+    read_dataset_info,
+)
 
 log = logging.getLogger(__name__)
+
+IMAGENET = "imagenet:"  # eval.zeroshot / zeroshot= entry `imagenet:DIR`
+IMAGENET_CLASSES = len(IMAGENET_CLASSNAMES)  # the 1,000 ILSVRC-2012 classes
+
+
+def imagenet_info(root: str) -> EvalDatasetInfo:
+    """ImageNet validation as an ImageFolder of the 1,000 ILSVRC class folders (wnids, whose
+    sorted order is the class order), with open_clip's shipped class names and 80 OpenAI
+    templates: the classifier open_clip's own ImageNet zero-shot evaluation builds."""
+    folder = Path(root)
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if len(classes) != IMAGENET_CLASSES:
+        raise ValueError(
+            f"{IMAGENET}{root} must be an ImageFolder of the {IMAGENET_CLASSES:,} ILSVRC class "
+            f"folders (n01440764, ...); it has {len(classes)} sub-folders. Give the validation "
+            "set's root, or evaluate another folder without the imagenet: prefix"
+        )
+    info = image_folder_info(folder)
+    if info is None:
+        raise ValueError(f"{IMAGENET}{root} holds no images (jpg, jpeg, png, webp)")
+    # OpenAI's templates are functions of the class name; "{c}" makes them clipscale templates
+    templates = [template("{c}") for template in OPENAI_IMAGENET_TEMPLATES]
+    return replace(info, name="imagenet", classnames=list(IMAGENET_CLASSNAMES), templates=templates)
+
+
+def zeroshot_dataset_info(entry: str) -> EvalDatasetInfo:
+    """A zero-shot dataset given as `imagenet:DIR` or as a folder that read_dataset_info reads."""
+    entry = str(entry)
+    if entry.startswith(IMAGENET):
+        return imagenet_info(entry[len(IMAGENET) :])
+    return read_dataset_info(entry)
 
 
 @torch.no_grad()
