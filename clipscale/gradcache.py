@@ -96,10 +96,14 @@ def cached_backward(
     prepare: PrepareFn | None = None,
     pad_last_chunk: bool = False,
     locked: frozenset[str] = frozenset(),
+    chunk_backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
 ) -> torch.Tensor:
     """Gradient-cached forward/backward of `loss_fn` on (images, texts); returns the loss value.
 
-    `backward(scalar)` runs each back-propagation (the Lightning module passes manual_backward).
+    `backward(loss)` back-propagates the loss (the Lightning module passes manual_backward, which
+    multiplies it by the fp16 loss scale under 16-mixed); `chunk_backward(surrogate)` runs pass 2's
+    back-propagations. Those start from the cached embedding gradients, which already carry any
+    loss scale, so they must not scale again: the default is a plain backward pass.
     Chunks need not divide the batch: the last one is smaller. `foils` = (foil tokens [B, F, L],
     foil mask [B, F]): hard-negative captions, encoded and cached with their samples' chunk.
 
@@ -177,7 +181,7 @@ def cached_backward(
             for emb, grad in zip(embeddings, grads, strict=True)
             if emb is not None
         )
-        backward(surrogate)
+        chunk_backward(surrogate)
     set_rng_state(rng_after, device)
     return loss.detach()
 

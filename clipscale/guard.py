@@ -19,8 +19,10 @@ Two ways to skip, because reading a device flag on the host waits for the GPU ev
   with the host path's message. Trade-off: the scheduler cannot know, so it still steps and the LR
   schedule runs on by one step per skipped step.
 Either way Lightning's global_step counts the skipped batch as a step, so max_steps and periodic
-checkpoints stay in batches. Under 16-mixed the GradScaler already skips steps with Inf/NaN
-gradients (and overflow is routine for it), so the guard then checks only the loss.
+checkpoints stay in batches. Under 16-mixed the GradScaler skips steps with Inf/NaN gradients
+itself, and overflow is routine for it (the scale backs off and training goes on): a step whose
+loss is finite but whose gradients are not is a scaler overflow, counted in `skipped_steps` and
+in `scaler_overflow_steps` but not in the streak towards the limit; only a non-finite loss is.
 """
 
 from __future__ import annotations
@@ -36,17 +38,16 @@ class NonFiniteError(UserError):
     """Too many non-finite steps in a row: the run has diverged; printed as one line."""
 
 
-def nonfinite_flag(loss: torch.Tensor, gradients: list[torch.Tensor]) -> torch.Tensor:
-    """1.0 on every rank if the loss or any gradient is NaN/Inf on some rank, else 0.0 (a device
-    tensor: nothing waits for it). One all-reduce of one number."""
-    total = loss.detach().float().reshape(())
-    if gradients:
-        # NaN or Inf in any element makes the total norm non-finite, as does NaN + a finite loss.
-        total = total + torch.nn.utils.get_total_norm(gradients).to(total.device)
-    flag = (~torch.isfinite(total)).float()
+def nonfinite_flags(loss: torch.Tensor, gradients: list[torch.Tensor]) -> torch.Tensor:
+    """[loss, gradients]: each 1.0 on every rank if it is NaN/Inf on some rank, else 0.0 (a device
+    tensor: nothing waits for it). One all-reduce of two numbers."""
+    loss = loss.detach().float().reshape(())
+    # NaN or Inf in any element makes the total norm non-finite.
+    norm = torch.nn.utils.get_total_norm(gradients).to(loss.device) if gradients else loss * 0
+    flags = (~torch.isfinite(torch.stack([loss, norm.float()]))).float()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
 
 
 class NonFiniteGuard:
@@ -62,6 +63,7 @@ class NonFiniteGuard:
         # Python numbers until the first step, then 0-d tensors on the flag's device (the device
         # path never reads them between checks).
         self.skipped_steps: int | torch.Tensor = 0
+        self.scaler_overflow_steps: int | torch.Tensor = 0  # of skipped_steps (16-mixed)
         self.consecutive: int | torch.Tensor = 0
         self.last_finite_loss: float | torch.Tensor = float("nan")
         # Where a streak first reached the limit (-1: not yet) and the last finite loss before it:
@@ -74,6 +76,7 @@ class NonFiniteGuard:
         """The counters as Python numbers (a checkpoint is a logging point: one read is fine)."""
         return {
             "skipped_steps": int(self.skipped_steps),
+            "scaler_overflow_steps": int(self.scaler_overflow_steps),
             "consecutive": int(self.consecutive),
             "last_finite_loss": float(self.last_finite_loss),
             "limit_step": int(self.limit_step),
@@ -83,6 +86,7 @@ class NonFiniteGuard:
     def load_state_dict(self, state: dict) -> None:
         """Continue counting from a checkpoint: a resumed run keeps its skip totals and streak."""
         self.skipped_steps = int(state["skipped_steps"])
+        self.scaler_overflow_steps = int(state.get("scaler_overflow_steps", 0))  # newer key
         self.consecutive = int(state["consecutive"])
         self.last_finite_loss = float(state["last_finite_loss"])
         self.limit_step = int(state.get("limit_step", -1))  # absent in older checkpoints
@@ -104,13 +108,18 @@ class NonFiniteGuard:
         `optimizer` is a torch optimizer or Lightning's wrapper of one; `step` the 0-based index of
         this update (Lightning's global_step). `check`: on the device path, read the counters
         now and stop if a streak reached the limit since the last check (the host path checks
-        every step). Returns False when the host knows the step was skipped (the caller then
+        every step). `loss_only` (a GradScaler steps the optimizer): only a non-finite loss is a
+        non-finite step here; finite loss with non-finite gradients is a scaler overflow, which
+        the scaler skips. Returns False when the host knows the step was skipped (the caller then
         leaves the logit scale alone); the device path returns True.
         """
         inner = getattr(optimizer, "optimizer", optimizer)
-        gradients = [] if loss_only else _gradients(inner)
-        flag = nonfinite_flag(loss, gradients)
-        self._count(flag, loss, step)
+        loss_flag, gradient_flag = nonfinite_flags(loss, _gradients(inner))
+        if loss_only:
+            flag, overflow = loss_flag, gradient_flag * (1 - loss_flag)
+        else:
+            flag, overflow = torch.maximum(loss_flag, gradient_flag), loss_flag * 0
+        self._count(flag, overflow, loss, step)
         if on_device and steps_with_amp_scaling(inner):
             self._device_step(flag, optimizer, inner, scheduler, loss_only)
             if check:
@@ -129,14 +138,15 @@ class NonFiniteGuard:
         optimizer.step()
         return False
 
-    def _count(self, flag: torch.Tensor, loss: torch.Tensor, step: int) -> None:
+    def _count(self, flag: torch.Tensor, overflow: torch.Tensor, loss: torch.Tensor, step) -> None:
         """Update the counters with device arithmetic only (nothing here waits for the device)."""
         if not isinstance(self.skipped_steps, torch.Tensor):  # the first step: onto the device
             for name in self.state_dict():  # every counter a checkpoint keeps
                 value = torch.tensor(float(getattr(self, name)), dtype=torch.float64)
                 setattr(self, name, value.to(flag.device))
-        flag = flag.to(self.consecutive.dtype)
-        self.skipped_steps = self.skipped_steps + flag
+        flag, overflow = flag.to(self.consecutive.dtype), overflow.to(self.consecutive.dtype)
+        self.skipped_steps = self.skipped_steps + flag + overflow
+        self.scaler_overflow_steps = self.scaler_overflow_steps + overflow
         self.consecutive = (self.consecutive + flag) * flag  # resets to 0 on a finite step
         finite_loss = loss.detach().to(self.last_finite_loss.dtype).reshape(())
         self.last_finite_loss = torch.where(flag > 0, self.last_finite_loss, finite_loss)

@@ -173,6 +173,21 @@ class CLIPModule(L.LightningModule):
         keep_locked_in_eval(self.model, self.locked)
         return self
 
+    def _apply(self, fn, recurse: bool = True):
+        """Move or cast every tensor (nn.Module.to and Lightning's precision plugins come here),
+        except that the logit scale and bias keep float32 when the rest is cast to bf16/fp16
+        (trainer.precision=bf16-true): AdamW moves them by ~lr per step, far below bf16's
+        resolution at their values (ulp 2^-6 at exp(2.66)), so in bf16 they would never train."""
+        logits = [
+            p for n, p in self.model.named_parameters(recurse=False) if n.startswith("logit_")
+        ]
+        kept = [p.data for p in logits]
+        super()._apply(fn, recurse)
+        for param, value in zip(logits, kept, strict=True):
+            if param.dtype in (torch.float16, torch.bfloat16) and value.dtype == torch.float32:
+                param.data = value.to(param.device)
+        return self
+
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         return {**state, "_compiled_encode": None}
@@ -355,6 +370,10 @@ class CLIPModule(L.LightningModule):
         self.log(
             "train/skipped_steps", self.guard.skipped_steps, rank_zero_only=True
         )  # no host sync
+        if guard_options(self.trainer)["loss_only"]:  # 16-mixed: the GradScaler's own skips
+            self.log(
+                "train/scaler_overflow_steps", self.guard.scaler_overflow_steps, rank_zero_only=True
+            )
 
         self._log_step(loss, batch, step_lr)
         return loss
