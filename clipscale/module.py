@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import time
 
 import lightning as L
 import torch
@@ -20,27 +18,19 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from clipscale.distributed import (
-    all_reduce_gradients,
-    all_reduce_sum,
-    min_over_ranks,
-    world_size,
-)
+from clipscale.chunking import measure_chunk_size
+from clipscale.distributed import all_reduce_gradients
 from clipscale.errors import ConfigError
 from clipscale.flops import StepFlops, peak_tflops, step_flops
 from clipscale.gradcache import (
     cached_backward,
     check_grad_cache,
-    choose_chunk_size,
     encode,
     encode_foils,
     logit_params,
-    peak_bytes_cpu,
-    peak_bytes_cuda,
-    rng_state,
-    set_rng_state,
 )
 from clipscale.guard import NonFiniteGuard, guard_options
+from clipscale.metering import StepMeter, is_last_step, is_logging_step
 from clipscale.models import build_model, normalize_images
 from clipscale.optim import (
     ContinuableSchedule,
@@ -72,25 +62,6 @@ def refuse_batch_norm(model: torch.nn.Module, model_name: str, chunk_size) -> No
 def pinned(tensor: torch.Tensor) -> torch.Tensor:
     """A host tensor in page-locked memory (copied there once if it is not); others unchanged."""
     return tensor.pin_memory() if tensor.device.type == "cpu" and not tensor.is_pinned() else tensor
-
-
-def steps_done(trainer) -> int:
-    """Steps done once the step now running (or just run, from on_train_batch_end) is counted, as
-    Lightning counts them for logging."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped + 1
-
-
-def is_last_step(trainer) -> bool:
-    """Whether the step now running (or just run) is the last of `trainer.max_steps`."""
-    return trainer.max_steps > 0 and steps_done(trainer) >= trainer.max_steps
-
-
-def is_logging_step(trainer) -> bool:
-    """Whether the step now running (or just run, from on_train_batch_end) is one whose metrics
-    Lightning sends to the loggers: every `log_every_n_steps` batches, and the last step. Values
-    are read from the device only then, so the steps in between never wait for the device."""
-    every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
-    return steps_done(trainer) % every == 0 or is_last_step(trainer)
 
 
 class CLIPModule(L.LightningModule):
@@ -135,18 +106,9 @@ class CLIPModule(L.LightningModule):
             refuse_batch_norm(self.model, model["name"], self.chunk_size)
         self.max_logit_scale = model.get("max_logit_scale", MAX_LOGIT_SCALE)
         self.guard = NonFiniteGuard(**(guard or {}))  # skips NaN/Inf steps (clipscale/guard.py)
-        # Throughput over each logging interval: device-synchronised clock, samples since then.
-        self._interval_start: float | None = None
-        self._interval_samples = 0
-        self._skipped_pending: torch.Tensor | int = 0  # this rank's, since the last logging step
-        self._skipped_total = 0
         self._restored_last_logged: dict[str, float] = {}  # a checkpoint's LAST_LOGGED values
-        self._cpu_local = 0  # images the CPU fallback decoded on this rank since the last log
-        self._cpu_total = 0  # ... over all ranks, up to the last logging step
         self.step_flops: StepFlops | None = None  # per-sample FLOPs, counted in on_train_start
-        self._interval_model_flops = 0.0  # this rank's, since the last logging step
-        self._interval_hardware_flops = 0.0
-        self._peak_tflops: float | None = None
+        self.meter = StepMeter()  # samples/s, FLOPs, sample counters (clipscale/metering.py)
         self._normalize: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- encoders -------------------------------------------------------------------------------
@@ -239,9 +201,7 @@ class CLIPModule(L.LightningModule):
             grad_cache=self.chunk_size is not None,
             locked=self.locked,
         )
-        self._peak_tflops = peak_tflops(self.device)
-        self._interval_start, self._interval_samples = None, 0
-        self._interval_model_flops = self._interval_hardware_flops = 0.0
+        self.meter.start(self.step_flops, peak_tflops(self.device))
         self._continue_schedule()
 
     def _continue_schedule(self) -> None:
@@ -274,37 +234,13 @@ class CLIPModule(L.LightningModule):
         return architecture
 
     def _auto_chunk_size(self, images: torch.Tensor, texts: torch.Tensor) -> int:
-        """grad_cache.chunk_size=auto, resolved on the first batch: measure a forward/backward of
-        each candidate chunk of this batch (eager; a compiled encoder needs no more memory) and
-        keep the largest whose peak fits memory_fraction of the device memory, less the AdamW
-        moments that the first optimizer step will allocate. Ranks agree on the smallest choice.
-        The random state is restored afterwards, so training draws what it would have drawn."""
-        state = rng_state(self.device)
-        params = [p for p in self.parameters() if p.requires_grad]
-        moments = 2 * sum(p.numel() * p.element_size() for p in params)
-
-        def run(chunk: int) -> None:
-            chunk_images, chunk_texts = self._prepare_chunk(images[:chunk], texts[:chunk])
-            embeddings = encode(self.model, chunk_images, chunk_texts)
-            sum((emb * torch.ones_like(emb)).sum() for emb in embeddings).backward()
-            for p in params:
-                p.grad = None
-
-        if self.device.type == "cuda":
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            measure = lambda chunk: peak_bytes_cuda(lambda: run(chunk), self.device)  # noqa: E731
-        else:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            measure = lambda chunk: peak_bytes_cpu(lambda: run(chunk))  # noqa: E731
-        budget = int(self.memory_fraction * total) - moments
-        chunk = choose_chunk_size(measure, images.shape[0], budget)
-        chunk = min_over_ranks(chunk)
-        set_rng_state(state, self.device)
+        """grad_cache.chunk_size=auto, resolved on the first batch (clipscale/chunking.py)."""
+        chunk, how = measure_chunk_size(
+            self.model, self._prepare_chunk, images, texts, self.memory_fraction, self.device
+        )
         rank_zero_info(
             f"clipscale: grad_cache.chunk_size=auto chose {chunk} of a {images.shape[0]}-sample "
-            f"per-rank batch (measured peak within {self.memory_fraction:g} x "
-            f"{total / 2**30:.1f} GiB {self.device.type} memory, less {moments / 2**30:.2f} GiB "
-            "of AdamW moments)"
+            f"per-rank batch ({how})"
         )
         return chunk
 
@@ -319,8 +255,7 @@ class CLIPModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One optimizer step on this rank's part of the global contrastive batch."""
         images, texts = batch["images"], batch["texts"]  # [B, 3, H, W] (uint8 or float), [B, L]
-        if self._interval_start is None:  # the first step starts the throughput clock
-            self._interval_start = self._synchronized_time()
+        self.meter.start_clock(self.device)  # the first step starts the throughput clock
         if self.chunk_size == "auto":
             self.chunk_size = self._auto_chunk_size(images, texts)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
@@ -383,7 +318,7 @@ class CLIPModule(L.LightningModule):
         skipped samples as of the last logging step (no collective here: rank 0 alone may save)."""
         checkpoint["clipscale_counters"] = {
             "guard": self.guard.state_dict(),
-            "skipped_samples": self._skipped_total,
+            "skipped_samples": self.meter.skipped_total,
         }
         if isinstance(self.chunk_size, int):  # the gradient-caching chunk the run trains with
             checkpoint["clipscale_grad_cache_chunk_size"] = self.chunk_size
@@ -394,7 +329,7 @@ class CLIPModule(L.LightningModule):
         counters = checkpoint.get("clipscale_counters")
         if counters:
             self.guard.load_state_dict(counters["guard"])
-            self._skipped_total = int(counters["skipped_samples"])
+            self.meter.skipped_total = int(counters["skipped_samples"])
         self._reuse_chunk_size(checkpoint.get("clipscale_grad_cache_chunk_size"))
         self._restored_last_logged = checkpoint.get("clipscale_last_logged", {})
 
@@ -434,81 +369,27 @@ class CLIPModule(L.LightningModule):
                 optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm"
             )
 
-    def _synchronized_time(self) -> float:
-        """Wall time after the device has finished its queued work (CUDA runs asynchronously)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
     def _log_step(self, loss: torch.Tensor, batch: dict, lr: float) -> None:
-        """Count this step; at a logging step (is_logging_step) read and log the metrics.
-
-        Between logging steps nothing here waits for the device: sample counts are host ints,
-        skipped-sample counts are summed on the device. At a logging step the device is
-        synchronised once, so samples/s covers the whole interval's device work.
-        """
-        local_batch = batch["images"].shape[0]
-        global_batch = local_batch * world_size()
-        self._interval_samples += global_batch
-        foils = batch["foil_texts"].shape[1] if "foil_texts" in batch else 0  # every slot encoded
-        self._interval_model_flops += local_batch * self.step_flops.model(foils)
-        self._interval_hardware_flops += local_batch * self.step_flops.hardware(foils)
-        if "skipped" in batch:  # 0-d counts from the loader, already on the device
-            self._skipped_pending = self._skipped_pending + sum(batch["skipped"].values())
-        if "cpu_decoded_samples" in batch:  # data.decode=device (clipscale/data/decode.py)
-            self._cpu_local += int(batch["cpu_decoded_samples"])
+        """Count this step; at a logging step (is_logging_step) read and log the metrics."""
+        self.meter.count(batch)
         if not is_logging_step(self.trainer):
             return
-
-        now = self._synchronized_time()
-        elapsed = max(now - self._interval_start, 1e-9)
-        samples_per_second = self._interval_samples / elapsed
-        # This rank's FLOPs over the interval, in TFLOP/s: model FLOPs count the useful work,
-        # hardware FLOPs add what gradient checkpointing and caching recompute (clipscale/flops.py).
-        model_tflops = self._interval_model_flops / elapsed / 1e12
-        hardware_tflops = self._interval_hardware_flops / elapsed / 1e12
-        self._interval_start, self._interval_samples = now, 0
-        self._interval_model_flops = self._interval_hardware_flops = 0.0
         logit_scale = self.model.logit_scale.detach().exp()
         metrics = {
             "train/loss": loss,
             "train/logit_scale": logit_scale,
             "train/temperature": 1.0 / logit_scale,
             "train/lr": torch.tensor(lr),
-            "train/global_batch_size": torch.tensor(float(global_batch)),
-            "train/samples_per_second": torch.tensor(samples_per_second),
-            "train/tflops_per_device": torch.tensor(model_tflops, dtype=torch.float64),
-            "train/hardware_tflops_per_device": torch.tensor(hardware_tflops, dtype=torch.float64),
+            **self.meter.read(batch, self.device),
         }
-        if self._peak_tflops:  # known GPUs only (clipscale.flops.PEAK_BF16_TFLOPS)
-            metrics["train/mfu"] = torch.tensor(model_tflops / self._peak_tflops)
-            metrics["train/hfu"] = torch.tensor(hardware_tflops / self._peak_tflops)
         if isinstance(self.chunk_size, int):
             metrics["train/grad_cache_chunk_size"] = torch.tensor(float(self.chunk_size))
-        if "skipped" in batch:
-            pending = torch.as_tensor(self._skipped_pending, device=self.device)
-            self._skipped_total += int(all_reduce_sum(pending))
-            self._skipped_pending = 0
-            metrics["train/skipped_samples"] = torch.tensor(float(self._skipped_total))
-        if "cpu_decoded_samples" in batch:
-            metrics["train/cpu_decoded_samples"] = self._cpu_decoded()
         self.log_dict(metrics, prog_bar=False, rank_zero_only=True)
         self.log("loss", loss, prog_bar=True, logger=False, rank_zero_only=True)
         if is_last_step(self.trainer):
             # Lightning sends logged values to the loggers every log_every_n_steps batches or when
             # training stops: say that it stops here, so the last step's metrics are written too.
             self.trainer.should_stop = True
-
-    def _cpu_decoded(self) -> torch.Tensor:
-        """Images decoded by the CPU fallback over all ranks, summed at each logging step.
-
-        The per-batch count is a host int (added up in _log_step at no device cost); the
-        all-reduce runs only at logging steps, which every rank reaches together.
-        """
-        local = torch.tensor(self._cpu_local, device=self.device)
-        self._cpu_total += int(all_reduce_sum(local))
-        self._cpu_local = 0
-        return torch.tensor(float(self._cpu_total))
 
     # --- optimisers -----------------------------------------------------------------------------
     def configure_optimizers(self):

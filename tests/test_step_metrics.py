@@ -25,14 +25,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from clipscale.chunking import candidate_chunks, choose_chunk_size, peak_bytes_cpu
 from clipscale.config import ConfigError
-from clipscale.gradcache import (
-    candidate_chunks,
-    check_grad_cache,
-    choose_chunk_size,
-    encode,
-    peak_bytes_cpu,
-)
+from clipscale.gradcache import check_grad_cache, encode
 from clipscale.models import build_model
 from clipscale.module import CLIPModule
 from clipscale.optim import build_optimizer, parameter_groups, resolve_fused

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from clipscale.eval.callback import ValidationCallback  # noqa: E402
-from clipscale.module import is_logging_step  # noqa: E402
+from clipscale.metering import is_logging_step  # noqa: E402
 
 TRAIN_KEYS = ("train/loss", "train/temperature")
 # panel title -> suffixes of the validation keys drawn in it
