@@ -23,8 +23,8 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader
 
-from clipscale.gradcache import encode, logit_params
-from clipscale.losses import ClipLoss
+from clipscale.gradcache import encode, encode_foils, logit_params
+from clipscale.losses import ClipLoss, SigLipLoss
 from clipscale.module import CLIPModule
 from tests.distributed_utils import free_port, run_distributed
 from tests.numerics import assert_relative_close, relative_error
@@ -72,12 +72,28 @@ def cases(kernels) -> list[tuple[str, str, bool]]:
     ]
 
 
-def make_module(kernel: str, caching: bool, lr: float = LR, guard=None) -> CLIPModule:
-    """The tiny model (seed 0) trained by SGD with the given loss path, gradient caching or not."""
+SIGLIP = {  # SigLIP's initial temperature and bias, and its loss on the tiled path
+    "model": {"init_logit_scale": 2.3026, "init_logit_bias": -10.0},
+    "loss": {"_target_": "clipscale.losses.SigLipLoss", "chunk_size": 3, "kernel": "torch"},
+}
+
+
+class FoilPairs(FixedPairs):
+    """FixedPairs with 2 foil caption slots per sample, the second one empty for odd samples."""
+
+    def __getitem__(self, index: int) -> dict:
+        foil_texts = torch.roll(self.texts[index], 1 + index % 5).repeat(2, 1)  # [F, L]
+        foil_mask = torch.tensor([True, index % 2 == 0])
+        return {**super().__getitem__(index), "foil_texts": foil_texts, "foil_mask": foil_mask}
+
+
+def make_module(kernel: str, caching: bool, lr=LR, guard=None, siglip=False) -> CLIPModule:
+    """The tiny model (seed 0) trained by SGD with the given loss path, gradient caching or not
+    (`siglip`: the sigmoid loss on the tiled path instead of `kernel`'s)."""
     torch.manual_seed(0)
     return CLIPModule(
-        model={"name": "clipscale-tiny"},
-        loss=KERNELS[kernel],
+        model={"name": "clipscale-tiny", "kwargs": SIGLIP["model"] if siglip else {}},
+        loss=SIGLIP["loss"] if siglip else KERNELS[kernel],
         optim={
             "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": lr},
             "warmup_steps": 1,
@@ -104,9 +120,15 @@ class StartWeights(L.Callback):
 
 
 def run_case(precision: str, kernel: str, caching: bool, world_size: int, lr=LR) -> dict:
-    """One step of the case on this process's rank: starting weights (as stored after the
+    """One step of the case on this process's rank (see one_step)."""
+    return one_step(
+        make_module(kernel, caching, lr), precision, world_size, FixedPairs(GLOBAL_BATCH)
+    )
+
+
+def one_step(module: CLIPModule, precision: str, world_size: int, dataset) -> dict:
+    """One step on this rank's share of `dataset`: the starting weights (as stored after the
     precision's conversion), their update, and the loss scale after the step (16-mixed)."""
-    module = make_module(kernel, caching, lr)
     kwargs, scaler = precision_args(precision)
     start = StartWeights()
     trainer = L.Trainer(
@@ -121,7 +143,7 @@ def run_case(precision: str, kernel: str, caching: bool, world_size: int, lr=LR)
         callbacks=[start],
         **kwargs,
     )
-    loader = DataLoader(FixedPairs(GLOBAL_BATCH), batch_size=GLOBAL_BATCH // world_size)
+    loader = DataLoader(dataset, batch_size=GLOBAL_BATCH // world_size)
     trainer.fit(module, train_dataloaders=loader)
     return {
         "start": start.weights,
@@ -133,21 +155,34 @@ def run_case(precision: str, kernel: str, caching: bool, world_size: int, lr=LR)
     }
 
 
-def reference_update(start: dict[str, torch.Tensor], lr=LR) -> dict[str, torch.Tensor]:
-    """-lr x the float64 gradient of the dense loss on the global batch, from weights `start`."""
-    model = make_module("dense", False).model.double()
-    model.load_state_dict({n: p.double() for n, p in start.items()}, strict=False)
-    pairs = FixedPairs(GLOBAL_BATCH)
+def reference_update(start: dict[str, torch.Tensor], lr=LR, siglip=False) -> dict:
+    """-lr x the float64 gradient of the dense loss on the global batch, from weights `start`
+    (`siglip`: the sigmoid loss with FoilPairs' hard negatives)."""
+    model = make_module("dense", False, siglip=siglip).model.double()
+    model.load_state_dict({n: p.double() for n, p in start.items()})
+    pairs = FoilPairs(GLOBAL_BATCH) if siglip else FixedPairs(GLOBAL_BATCH)
     image_features, text_features = encode(model, pairs.images.double(), pairs.texts)
-    ClipLoss()(image_features, text_features, *logit_params(model)).backward()
+    if siglip:
+        batch = [pairs[i] for i in range(GLOBAL_BATCH)]
+        foils = torch.stack([sample["foil_texts"] for sample in batch])  # [B, F, L]
+        mask = torch.stack([sample["foil_mask"] for sample in batch])  # [B, F]
+        loss = SigLipLoss()(
+            image_features,
+            text_features,
+            *logit_params(model),
+            foils=(encode_foils(model, foils), mask),
+        )
+    else:
+        loss = ClipLoss()(image_features, text_features, *logit_params(model))
+    loss.backward()
     return {n: -lr * p.grad for n, p in model.named_parameters()}
 
 
-def check_update(result: dict, precision: str) -> None:
+def check_update(result: dict, precision: str, siglip=False) -> None:
     """The case's update is within its precision's tolerance of the float64 reference."""
     if result["scale"] is not None:
         assert result["scale"] == LOSS_SCALE, "the loss scaler skipped the step"
-    expected = reference_update(result["start"])
+    expected = reference_update(result["start"], siglip=siglip)
     names = sorted(expected)
     actual = torch.cat([result["update"][n].flatten() for n in names])
     wanted = torch.cat([expected[n].flatten() for n in names])
@@ -167,6 +202,13 @@ def check_update(result: dict, precision: str) -> None:
 )
 def test_one_rank_update_matches_float64(precision, kernel, caching):
     check_update(run_case(precision, kernel, caching, world_size=1), precision)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-true"])
+def test_cached_siglip_with_foils_matches_float64(precision):
+    module = make_module("tiled", caching=True, siglip=True)
+    result = one_step(module, precision, world_size=1, dataset=FoilPairs(GLOBAL_BATCH))
+    check_update(result, precision, siglip=True)
 
 
 def _group_worker(rank: int, world_size: int, folder: str, kernels: tuple) -> None:
