@@ -42,7 +42,7 @@ def validate_config(cfg: DictConfig) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     check_model_name(cfg.model.name)
-    check_pretrained(cfg.model.pretrained)
+    check_pretrained(cfg.model.pretrained, cfg.model.name)
 
     chunk = cfg.grad_cache.chunk_size
     if chunk is not None and str(cfg.trainer.get("precision")).startswith("16"):

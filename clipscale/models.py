@@ -39,26 +39,47 @@ def check_model_name(name: str) -> None:
         )
 
 
-def check_pretrained(pretrained: str | None) -> None:
-    """Only local files of open_clip weights are allowed: nothing is downloaded at run time."""
+def check_pretrained(pretrained: str | None, name: str | None = None) -> str | None:
+    """model.pretrained: null, a local file of weights (an open_clip state dict, big_vision .npz,
+    or a clipscale training checkpoint), or one of open_clip's tags for architecture `name`.
+    Returns the file's kind (WEIGHTS, TRAINING), None for null or a tag."""
     if pretrained is None:
-        return
-    if not os.path.isfile(pretrained):
+        return None
+    if os.path.isfile(pretrained):
+        if Path(pretrained).suffix in (".npz", ".npy"):  # big_vision SigLIP: open_clip reads it
+            return WEIGHTS
+        return read_checkpoint(pretrained, "model.pretrained", (WEIGHTS, TRAINING))[0]
+    tags = open_clip.list_pretrained_tags_by_model(name) if name else []
+    if pretrained not in tags:
         raise ValueError(
-            f"model.pretrained={pretrained!r} is not a local file. clipscale never downloads "
-            "weights: pass a path to an open_clip state dict, or null for random initialisation."
+            f"model.pretrained={pretrained!r} is neither a local file nor an open_clip tag of "
+            f"model.name={name}; its tags are {tags or 'none'} (open_clip.list_pretrained())"
         )
-    if Path(pretrained).suffix in (".npz", ".npy"):
-        return  # big_vision SigLIP weights: open_clip reads and converts them itself
-    read_checkpoint(
-        pretrained,
-        "model.pretrained",
-        (WEIGHTS,),
-        fixes={
-            TRAINING: f"continue that run with ckpt_path={pretrained}, or write its weights "
-            f"with python -m clipscale.export checkpoint={pretrained} output=FILE"
-        },
-    )
+    return None
+
+
+def load_weights(model: torch.nn.Module, name: str, state_dict: dict, path: str) -> None:
+    """Load `state_dict` (open_clip keys) into `model`, architecture `name`; a mismatch is one
+    CheckpointError line naming the file `path`."""
+    try:  # weights of another architecture (or a wrong model_name) are told in one line
+        loaded = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # a shape that differs: "size mismatch for NAME: ..."
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        problem = next((line for line in lines if "size mismatch" in line), lines[-1])
+        raise CheckpointError(f"checkpoint={path} does not fit {name}: {problem}") from None
+    for problem, keys in (("lacks", loaded.missing_keys), ("has unknown", loaded.unexpected_keys)):
+        if keys:
+            raise CheckpointError(
+                f"checkpoint={path} does not fit {name}: it {problem} weights "
+                f"{', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)} in all)"
+            )
+
+
+def hub_cache(cache_dir: str | None) -> str:
+    """Where open_clip looks for (and downloads) a tag's weights: model.cache_dir or the HF cache."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return cache_dir or HF_HUB_CACHE
 
 
 def build_model(
@@ -66,18 +87,31 @@ def build_model(
     pretrained: str | None = None,
     grad_checkpointing: bool = False,
     patch_dropout: float | None = None,
+    cache_dir: str | None = None,
     **model_kwargs,
 ) -> torch.nn.Module:
-    """Create an open_clip CLIP model (random init unless `pretrained` is a local file)."""
+    """Create an open_clip CLIP model: random init, or `pretrained` weights (see check_pretrained;
+    a tag is loaded by open_clip's own loader, from `cache_dir` or by downloading)."""
     check_model_name(name)
-    check_pretrained(pretrained)
-    model = open_clip.create_model(
-        name,
-        pretrained=pretrained,
-        pretrained_text=False,  # base text-tower weights would come from a hub: never at run time
-        force_patch_dropout=patch_dropout,
-        **model_kwargs,
-    )
+    kind = check_pretrained(pretrained, name)
+    try:
+        model = open_clip.create_model(
+            name,
+            pretrained=None if kind == TRAINING else pretrained,
+            pretrained_text=False,  # base text-tower weights would come from a hub
+            force_patch_dropout=patch_dropout,
+            cache_dir=cache_dir,
+            **model_kwargs,
+        )
+    except RuntimeError as error:
+        if kind is not None or "Failed to download" not in str(error):
+            raise
+        raise ValueError(
+            f"model.pretrained={pretrained} for {name} is not in the cache {hub_cache(cache_dir)} "
+            "(set model.cache_dir to where it is) and could not be downloaded"
+        ) from None
+    if kind == TRAINING:  # a clipscale run's weights (read through the one checkpoint reader)
+        load_weights(model, name, read_model_checkpoint(pretrained, name).state_dict, pretrained)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
@@ -149,20 +183,7 @@ def read_model_checkpoint(path: str, model_name: str | None = None) -> Checkpoin
 def clip_from_checkpoint(checkpoint: CheckpointModel, path: str) -> torch.nn.Module:
     """Build the checkpoint's model and load its weights (eval mode); the file is `path`."""
     model = build_model(checkpoint.name, **checkpoint.kwargs)
-    try:  # weights of another architecture (or a wrong model_name) are told in one line
-        loaded = model.load_state_dict(checkpoint.state_dict, strict=False)
-    except RuntimeError as error:  # a shape that differs: "size mismatch for NAME: ..."
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        problem = next((line for line in lines if "size mismatch" in line), lines[-1])
-        raise CheckpointError(
-            f"checkpoint={path} does not fit {checkpoint.name}: {problem}"
-        ) from None
-    for problem, keys in (("lacks", loaded.missing_keys), ("has unknown", loaded.unexpected_keys)):
-        if keys:
-            raise CheckpointError(
-                f"checkpoint={path} does not fit {checkpoint.name}: it {problem} weights "
-                f"{', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)} in all)"
-            )
+    load_weights(model, checkpoint.name, checkpoint.state_dict, path)
     return model.eval()
 
 

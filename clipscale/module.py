@@ -81,6 +81,7 @@ class CLIPModule(L.LightningModule):
         self.model = build_model(
             model["name"],
             pretrained=model.get("pretrained"),
+            cache_dir=model.get("cache_dir"),
             grad_checkpointing=model.get("grad_checkpointing", False),
             patch_dropout=model.get("patch_dropout"),
             **dict(model.get("kwargs") or {}),

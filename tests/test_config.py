@@ -47,7 +47,7 @@ def test_demo_defaults_build_module_and_datamodule(compose_config, tmp_path):
         ("model.name=ViT-B-33", r"model.name='ViT-B-33' is not an open_clip architecture"),
         (
             "model.pretrained=/nonexistent.pt",
-            r"model.pretrained='/nonexistent.pt' is not a local file",
+            r"model.pretrained='/nonexistent.pt' is neither a local file nor an open_clip tag",
         ),
     ],
 )
