@@ -15,6 +15,18 @@ from clipscale.errors import ConfigError
 from clipscale.models import check_model_name, check_pretrained
 
 SIGLIP_MISSING_BIAS = "loss=siglip needs a learnable logit bias (model.kwargs.init_logit_bias)"
+# trainer.precision values clipscale trains with (README: "Precision"); Lightning's short aliases
+# name the same settings.
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+PRECISION_REFUSED = {  # names Lightning knows, with why clipscale cannot train exactly with them
+    "16-true": "fp16 weights and gradients without a loss scaler: small gradients underflow to "
+    "zero; use 16-mixed (GPUs without bf16) or bf16-true",
+    "transformer-engine": "Transformer Engine replaces the model's layers, which clipscale does "
+    "not support; use bf16-mixed",
+    "transformer-engine-float16": "Transformer Engine replaces the model's layers, which "
+    "clipscale does not support; use 16-mixed",
+}
 
 
 def _positive_int_or_null(cfg: DictConfig, key: str, allow_null: bool) -> None:
@@ -26,6 +38,19 @@ def _positive_int_or_null(cfg: DictConfig, key: str, allow_null: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         allowed = "a positive integer or null" if allow_null else "a positive integer"
         raise ConfigError(f"{key}={value!r} is invalid: it must be {allowed}")
+
+
+def check_precision(precision) -> str:
+    """trainer.precision as one of PRECISIONS (aliases resolved); ConfigError for another value."""
+    name = PRECISION_ALIASES.get(str(precision), str(precision))
+    if name in PRECISION_REFUSED:
+        raise ConfigError(f"trainer.precision={precision}: {PRECISION_REFUSED[name]}")
+    if name not in PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={precision!r} is not a precision Lightning knows: use one of "
+            f"{', '.join(PRECISIONS)}"
+        )
+    return name
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -44,12 +69,13 @@ def validate_config(cfg: DictConfig) -> None:
     check_model_name(cfg.model.name)
     check_pretrained(cfg.model.pretrained, cfg.model.name)
 
-    chunk = cfg.grad_cache.chunk_size
-    if chunk is not None and str(cfg.trainer.get("precision")).startswith("16"):
+    precision = check_precision(cfg.trainer.get("precision", "32-true"))
+    if precision == "64-true" and cfg.loss.get("kernel", "auto") == "triton":
         raise ConfigError(
-            f"grad_cache.chunk_size={chunk} with trainer.precision={cfg.trainer.precision}: fp16 loss "
-            "scaling and cached embedding gradients do not compose; use bf16-mixed or 32-true"
+            "loss.kernel=triton with trainer.precision=64-true: the Triton kernel computes in "
+            "float16/bfloat16/float32; use loss.kernel=torch (or auto) for float64"
         )
+    chunk = cfg.grad_cache.chunk_size
     strategy = str(cfg.trainer.get("strategy", "auto")).lower()
     if chunk is not None and ("deepspeed" in strategy or "fsdp" in strategy):
         raise ConfigError(
@@ -62,6 +88,21 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"{SIGLIP_MISSING_BIAS}: add +model.kwargs.init_logit_bias=-10 "
             "+model.kwargs.init_logit_scale=2.3026"
+        )
+
+
+def check_precision_hardware(trainer_cfg: DictConfig) -> None:
+    """16-mixed needs CUDA: on CPU Lightning has no fp16 loss scaler and silently trains in
+    bf16-mixed instead, so refuse at start (a check of this machine, like the one below)."""
+    precision = str(trainer_cfg.get("precision"))
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if PRECISION_ALIASES.get(precision, precision) == "16-mixed" and (
+        accelerator == "cpu" or not torch.cuda.is_available()
+    ):
+        raise ConfigError(
+            "trainer.precision=16-mixed needs a CUDA GPU (the fp16 loss scaler runs there; on CPU "
+            "Lightning would train in bf16-mixed instead): on CPU use trainer.precision=bf16-mixed "
+            "or 32-true"
         )
 
 

@@ -42,7 +42,7 @@ from clipscale.cli import (
     hydra_run_dir,
     redacted,
 )
-from clipscale.config import check_strategy_hardware, validate_config
+from clipscale.config import check_precision_hardware, check_strategy_hardware, validate_config
 from clipscale.distributed import all_reduce_sum
 from clipscale.errors import known_errors
 from clipscale.eval.callback import ValidationCallback
@@ -193,6 +193,7 @@ def preflight(cfg: DictConfig) -> None:
     if cfg.ckpt_path is not None:
         check_resumable(cfg.ckpt_path)  # exists, readable, and a training checkpoint of ours
     check_strategy_hardware(cfg.trainer)  # DeepSpeed/FSDP: CUDA GPUs (and the deepspeed package)
+    check_precision_hardware(cfg.trainer)  # 16-mixed: a CUDA GPU (its fp16 loss scaler)
     if str(cfg.data.get("_target_", "")).endswith("WebDataModule"):
         from clipscale.data.shards import check_shards
 

@@ -15,11 +15,14 @@ from clipscale.train import CONFIG_DIR, build_module
 from tests.conftest import run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+# recipes whose weights are another run's output (tests/test_lit_demo.py runs demo_lit on one)
+OTHER_RUNS_WEIGHTS = {"demo_lit": ["model.pretrained=null"]}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(compose_config, tmp_path, experiment):
-    cfg = compose_config([f"+experiment={experiment}", f"paths.output_dir={tmp_path}"])
+    overrides = [f"+experiment={experiment}", f"paths.output_dir={tmp_path}"]
+    cfg = compose_config(overrides + OTHER_RUNS_WEIGHTS.get(experiment, []))
     validate_config(cfg)
     assert cfg.data.batch_size >= 1 and cfg.trainer.max_steps >= 1
     with open_dict(cfg):
@@ -57,11 +60,14 @@ def test_bad_values_fail_validation_with_named_key(compose_config, tmp_path, ove
         validate_config(cfg)
 
 
-def test_grad_cache_refuses_fp16(compose_config, tmp_path):
-    cfg = compose_config(
-        ["grad_cache.chunk_size=8", "trainer.precision=16-mixed", f"paths.output_dir={tmp_path}"]
+def test_grad_cache_takes_fp16_and_the_triton_kernel_refuses_float64(compose_config, tmp_path):
+    output = f"paths.output_dir={tmp_path}"
+    # The loss scale rides on the cached embedding gradients (tests/test_precision_matrix.py).
+    validate_config(
+        compose_config(["grad_cache.chunk_size=8", "trainer.precision=16-mixed", output])
     )
-    with pytest.raises(ConfigError, match="fp16 loss scaling"):
+    cfg = compose_config(["trainer.precision=64-true", "loss.kernel=triton", output])
+    with pytest.raises(ConfigError, match="loss.kernel=triton with trainer.precision=64-true"):
         validate_config(cfg)
 
 
