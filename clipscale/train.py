@@ -257,6 +257,10 @@ def train(cfg: DictConfig) -> dict:
         raise UserError(str(error)) from error
     trainer = build_trainer(cfg, output_dir)
     facts = log_run_facts(cfg, trainer, module, output_dir)
+    shows_zeroshot = cfg.eval.demo_zeroshot and hasattr(datamodule, "classnames")
+    zeroshot_before = None  # a run from pretrained weights also shows where it started
+    if shows_zeroshot and cfg.model.pretrained and trainer.is_global_zero:
+        zeroshot_before = demo_zeroshot_accuracy(module, datamodule)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     for callback in trainer.callbacks:
@@ -276,9 +280,11 @@ def train(cfg: DictConfig) -> dict:
         "config": str(output_dir / (HydraConfig.get().output_subdir or ".hydra") / "config.yaml"),
         **skipped_samples(datamodule),
     }
-    if cfg.eval.demo_zeroshot and hasattr(datamodule, "classnames") and trainer.is_global_zero:
+    if shows_zeroshot and trainer.is_global_zero:
         summary["zeroshot_top1"] = demo_zeroshot_accuracy(module, datamodule)
         summary["zeroshot_chance"] = 1 / len(datamodule.classnames)
+        if zeroshot_before is not None:
+            summary["zeroshot_top1_before"] = zeroshot_before
     if trainer.is_global_zero:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_summary(summary, trainer)
@@ -321,9 +327,11 @@ def print_summary(summary: dict, trainer: L.Trainer) -> None:
         f"loss {summary['loss']:.4f}  temperature {summary['temperature']:.4f}"
     )
     if "zeroshot_top1" in summary:
+        before = summary.get("zeroshot_top1_before")
+        start = "" if before is None else f"; {before:.3f} before training, from model.pretrained"
         lines.append(
             f"held-out zero-shot top-1 {summary['zeroshot_top1']:.3f} "
-            f"(chance {summary['zeroshot_chance']:.3f})"
+            f"(chance {summary['zeroshot_chance']:.3f}{start})"
         )
     skipped = {kind: n for kind, n in summary.get("skipped_samples_by_kind", {}).items() if n}
     if skipped:

@@ -68,6 +68,15 @@ def settings(values: dict[str, str]) -> list[str]:
     return [f"{key}={value}" for key, value in values.items()]
 
 
+def short_run(run: Path) -> Path:
+    """`run`, holding a short demo run's checkpoints (trained on first use)."""
+    if not (run / "checkpoints" / "last.ckpt").exists():
+        first = [sys.executable, "-m", "clipscale.train", *settings(FORCED), *settings(QUIET)]
+        first.append(f"paths.output_dir={run}")
+        subprocess.run(first, cwd=run.parents[1], check=True, capture_output=True, timeout=600)
+    return run
+
+
 COMMANDS = [c for c in readme_commands() if not any(skip in c for skip in NEEDS_A_CLUSTER)]
 
 
@@ -85,13 +94,11 @@ def test_readme_training_command_runs(command, scratch, tmp_path):
         words = [sys.executable, *words[1:]]
     forced = dict(FORCED)
     if any(word.startswith("ckpt_path=") for word in words):
-        run = scratch / "runs" / "resumable"
-        if not (run / "checkpoints" / "last.ckpt").exists():
-            first = [sys.executable, "-m", "clipscale.train", *settings(FORCED), *settings(QUIET)]
-            first.append(f"paths.output_dir={run}")
-            subprocess.run(first, cwd=scratch, check=True, capture_output=True, timeout=600)
+        run = short_run(scratch / "runs" / "resumable")
         words = [w.replace("runs/<run>", str(run)) for w in words]
         forced["trainer.max_steps"] = "4"  # 2 more steps than the checkpoint's
+    if "+experiment=demo_lit" in words:  # it starts from the demo's run, runs/demo
+        short_run(scratch / "runs" / "demo")
     words = [w for w in words if w.split("=")[0] not in forced]
     keys = {w.split("=")[0] for w in words if "=" in w}
     quiet = {key: value for key, value in QUIET.items() if key not in keys}
