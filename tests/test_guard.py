@@ -149,6 +149,7 @@ def test_a_restored_guard_continues_the_streak_and_the_total():
     restored.load_state_dict(guard.state_dict())
     assert restored.state_dict() == {
         "skipped_steps": 3,
+        "scaler_overflow_steps": 0,
         "consecutive": 2,
         "last_finite_loss": 0.75,
         "limit_step": -1,
