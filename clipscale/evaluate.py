@@ -123,7 +123,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     device = resolve_device(cfg.device)
     model = clip_from_checkpoint(checkpoint, cfg.checkpoint).to(device)
     tokenizer = build_tokenizer(checkpoint.name)
-    transform = build_transforms(checkpoint.name, False)
+    # a training checkpoint's recorded image preprocessing; open_clip's defaults for a weights file
+    transform = build_transforms(checkpoint.name, False, preprocess=checkpoint.preprocess)
     if resolve_decode(cfg.get("decode", "worker"), device) == "device":
         transform = DeviceTransform(transform, device)  # the decoder of data.decode=device
     loader_kw = {"num_workers": cfg.num_workers, "max_samples": cfg.max_samples}

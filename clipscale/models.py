@@ -9,6 +9,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transform import image_transform
 from torchvision.transforms import Compose, Normalize, PILToTensor, ToTensor
 
@@ -117,15 +118,44 @@ def build_model(
     return model
 
 
-def build_transforms(name: str, is_train: bool, as_uint8: bool = False):
-    """open_clip's image transform for `name` (train: with its random-resized-crop augmentation).
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")  # model.image_<key> overrides
+PREPROCESS_DEFAULTS = {  # open_clip's own, for weights without a preprocessing config
+    "mean": OPENAI_DATASET_MEAN,
+    "std": OPENAI_DATASET_STD,
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+}
+
+
+def image_preprocess(model_cfg: dict | None) -> dict:
+    """Image mean, std, interpolation and resize mode for the model config `model_cfg`: those of
+    its weights (an open_clip tag's pretrained config), each replaced by model.image_<key> when
+    set; open_clip's defaults for random init and local files."""
+    model_cfg = dict(model_cfg or {})
+    name, pretrained = model_cfg.get("name"), model_cfg.get("pretrained")
+    weights = {}
+    if name and pretrained and not os.path.isfile(pretrained):
+        weights = open_clip.get_pretrained_cfg(name, pretrained)
+    chosen = {}
+    for key in PREPROCESS_KEYS:
+        value = model_cfg.get(f"image_{key}")
+        value = value if value is not None else weights.get(key, PREPROCESS_DEFAULTS[key])
+        chosen[key] = tuple(float(v) for v in value) if key in ("mean", "std") else str(value)
+    return chosen
+
+
+def build_transforms(
+    name: str, is_train: bool, as_uint8: bool = False, preprocess: dict | None = None
+):
+    """open_clip's image transform for `name` (train: with its random-resized-crop augmentation),
+    with `preprocess` (image_preprocess: mean, std, interpolation, resize mode; default open_clip's).
 
     `as_uint8` stops before the float conversion and normalisation and returns uint8 [3, H, W]:
     a quarter of the bytes to move between processes; `normalize_images` finishes on the device.
     """
     check_model_name(name)
     image_size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
-    transform = image_transform(image_size, is_train=is_train)
+    transform = image_transform(image_size, is_train=is_train, **(preprocess or {}))
     if not as_uint8:
         return transform
     kept = [t for t in transform.transforms if not isinstance(t, ToTensor | Normalize)]
@@ -153,6 +183,7 @@ class CheckpointModel:
     name: str  # open_clip architecture
     kwargs: dict  # further open_clip model arguments the run used (e.g. init_logit_bias for SigLIP)
     state_dict: dict  # open_clip keys
+    preprocess: dict | None = None  # image_preprocess values a training checkpoint records
 
 
 def read_model_checkpoint(path: str, model_name: str | None = None) -> CheckpointModel:
@@ -168,7 +199,12 @@ def read_model_checkpoint(path: str, model_name: str | None = None) -> Checkpoin
         state_dict = {
             k[len(prefix) :]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)
         }
-        return CheckpointModel(model_cfg["name"], dict(model_cfg.get("kwargs") or {}), state_dict)
+        return CheckpointModel(
+            model_cfg["name"],
+            dict(model_cfg.get("kwargs") or {}),
+            state_dict,
+            payload.get("clipscale_preprocess"),
+        )
     if model_name is None:
         raise CheckpointError(
             f"checkpoint={path} holds {describe(kind, payload)}, which do not name their "

@@ -31,7 +31,7 @@ from clipscale.gradcache import (
 )
 from clipscale.guard import NonFiniteGuard, guard_options
 from clipscale.metering import StepMeter, is_last_step, is_logging_step
-from clipscale.models import build_model, normalize_images
+from clipscale.models import build_model, image_preprocess, normalize_images
 from clipscale.optim import (
     ContinuableSchedule,
     build_optimizer,
@@ -88,6 +88,12 @@ class CLIPModule(L.LightningModule):
         )
         lock_towers(self.model, model)  # model.lock_image*, model.lock_text* (open_clip's flags)
         self.locked = locked_towers(self.model)  # no trained parameter: eval mode, no graph
+        # the weights' image preprocessing (or model.image_*), as the data modules apply it
+        self.preprocess = image_preprocess(model)
+        rank_zero_info(
+            "clipscale: image preprocessing "
+            + ", ".join(f"{key} {value}" for key, value in self.preprocess.items())
+        )
         # model.compile: one compiled function encodes a chunk (or the whole batch): both towers
         # and the normalisation in one graph, called by both grad-cache passes. It is not a
         # submodule, so checkpoint keys stay those of the open_clip model.
@@ -162,7 +168,7 @@ class CLIPModule(L.LightningModule):
         if images.dtype != torch.uint8:
             return images
         if self._normalize is None or self._normalize[0].device != images.device:
-            cfg = self.model.visual.preprocess_cfg
+            cfg = self.preprocess
             self._normalize = tuple(
                 torch.tensor(cfg[key], device=images.device) for key in ("mean", "std")
             )
@@ -324,6 +330,7 @@ class CLIPModule(L.LightningModule):
         if isinstance(self.chunk_size, int):  # the gradient-caching chunk the run trains with
             checkpoint["clipscale_grad_cache_chunk_size"] = self.chunk_size
         checkpoint["clipscale_last_logged"] = self.last_logged_metrics()
+        checkpoint["clipscale_preprocess"] = self.preprocess  # what evaluate applies to its images
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restore what on_save_checkpoint wrote (absent in checkpoints of older versions)."""

@@ -199,12 +199,15 @@ def _decode_all(encoded: Sequence[torch.Tensor], device: torch.device):
 
 
 def _resized(
-    image: torch.Tensor, box: Sequence[int] | None, size: int, interpolation
+    image: torch.Tensor, box: Sequence[int] | None, size: int, interpolation, squash: bool = False
 ) -> torch.Tensor:
-    """The box resized to size×size (training), or shorter side to `size` + centre crop (eval)."""
+    """The box resized to size×size (training), or shorter side to `size` + centre crop (eval;
+    with `squash`, open_clip's resize_mode=squash, the whole image resized to size×size)."""
     if box is not None:
         top, left, height, width = box
         image = image[:, top : top + height, left : left + width]
+        return F.resize(image, [size, size], interpolation=interpolation, antialias=True)
+    if squash:
         return F.resize(image, [size, size], interpolation=interpolation, antialias=True)
     image = F.resize(image, size, interpolation=interpolation, antialias=True)
     return F.center_crop(image, [size, size])
@@ -216,6 +219,7 @@ def decode_batch(
     size: int,
     device: torch.device,
     interpolation: InterpolationMode = InterpolationMode.BICUBIC,
+    squash: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(uint8 images [V, 3, size, size] on `device`, valid bool [B], CPU-decoded count).
 
@@ -226,7 +230,7 @@ def decode_batch(
     images, on_cpu = _decode_all(encoded, torch.device(device))
     valid = torch.tensor([image is not None for image in images], dtype=torch.bool)
     out = [
-        _resized(image, None if boxes is None else boxes[i], size, interpolation)
+        _resized(image, None if boxes is None else boxes[i], size, interpolation, squash)
         for i, image in enumerate(images)
         if image is not None
     ]
@@ -247,7 +251,10 @@ class DeviceDecoder:
         crop = random_crop_of(transform)
         steps = getattr(transform, "transforms", [])
         resize = next((s for s in steps if isinstance(s, Resize | RandomResizedCrop)), None)
-        if resize is None or not (crop or any(isinstance(s, CenterCrop) for s in steps)):
+        # resize_mode=squash (SigLIP weights): Resize to (size, size) with no crop after it
+        self.squash = resize is not None and not isinstance(resize.size, int) and not crop
+        centre_crop = any(isinstance(s, CenterCrop) for s in steps)
+        if resize is None or not (crop or centre_crop or self.squash):
             raise ValueError(f"data.decode=device cannot reproduce the transform {transform}")
         size = resize.size if isinstance(resize.size, int) else resize.size[0]
         self.size, self.interpolation, self.device = size, resize.interpolation, device
@@ -264,7 +271,7 @@ class DeviceDecoder:
         crops = batch.pop("crops", None)
         boxes = None if crops is None else crops.tolist()
         images, valid, on_cpu = decode_batch(
-            encoded, boxes, self.size, self.device, self.interpolation
+            encoded, boxes, self.size, self.device, self.interpolation, self.squash
         )
         if self.normalize is not None:
             images = normalize_images(images, *self.normalize)
@@ -325,7 +332,8 @@ class DeviceTransform:
         Samples that no decoder accepts are left out (V = valid.sum()); the evaluation reader
         counts them as `corrupt_image`, as the worker path does.
         """
+        decoder = self.decoder
         images, valid, _ = decode_batch(
-            encoded, None, self.decoder.size, self.device, self.decoder.interpolation
+            encoded, None, decoder.size, self.device, decoder.interpolation, decoder.squash
         )
-        return normalize_images(images, *self.decoder.normalize), valid
+        return normalize_images(images, *decoder.normalize), valid

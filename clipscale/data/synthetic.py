@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from clipscale.data import scenes
 from clipscale.data.scenes import BACKGROUNDS, CANVAS, COLOURS, FOIL_TYPES, SHAPES, draw_shape
-from clipscale.models import build_tokenizer, build_transforms
+from clipscale.models import build_tokenizer, build_transforms, image_preprocess
 from clipscale.preemption import resumable_sampler
 
 POSITIONS = ("top left", "top right", "bottom left", "bottom right", "centre")
@@ -223,8 +223,11 @@ class SyntheticDataModule(L.LightningDataModule):
         hard_negatives: list[str] | None = None,
         max_hard_negatives: int = 3,
         mirror_pairs: bool = False,
+        model_config: dict | None = None,
     ):
         super().__init__()
+        # the images' mean/std/interpolation/resize mode follow the model's weights
+        self.preprocess = image_preprocess(model_config)
         for key, value in (
             ("data.batch_size", batch_size),
             ("data.train_samples", train_samples),
@@ -256,7 +259,7 @@ class SyntheticDataModule(L.LightningDataModule):
         """The train (augmenting transform) or val (deterministic transform, one object) split."""
         train = split == "train"
         length = self.train_samples if train else self.val_samples
-        transform = build_transforms(self.model_name, is_train=train)
+        transform = build_transforms(self.model_name, is_train=train, preprocess=self.preprocess)
         tokenizer = build_tokenizer(self.model_name)
         if not train:
             return SyntheticCaptions(length, split, self.seed, transform, tokenizer)

@@ -32,7 +32,7 @@ from clipscale.data.sources import check_countable, expand_shards, shard_urls
 from clipscale.data.sources import shard_sizes as read_shard_sizes
 from clipscale.data.stream import ShardStream
 from clipscale.data.synthetic import check_hard_negatives
-from clipscale.models import build_tokenizer, build_transforms
+from clipscale.models import build_tokenizer, build_transforms, image_preprocess
 
 __all__ = ["SKIP_KINDS", "EpochLoader", "ShardStream", "WebDataModule"]
 
@@ -89,6 +89,7 @@ class WebDataModule(L.LightningDataModule):
         decode: str = "auto",
         hard_negatives: list[str] | None = None,
         max_hard_negatives: int = 3,
+        model_config: dict | None = None,
     ) -> None:
         super().__init__()
         for key, value, least in [
@@ -133,6 +134,8 @@ class WebDataModule(L.LightningDataModule):
                     "data.resampled=true (a single pass cannot favour one source)"
                 )
         build_transforms(model_name, is_train=False)  # fails here, naming a bad model_name
+        # the images' mean/std/interpolation/resize mode follow the model's weights
+        self.preprocess = image_preprocess(model_config)
         self.samples_per_epoch, self.resampled = samples_per_epoch, resampled
         self.shuffle_buffer, self.batch_size, self.num_workers = (
             shuffle_buffer,
@@ -205,7 +208,9 @@ class WebDataModule(L.LightningDataModule):
             urls = shard_urls(self.val_shards, "data.val_shards")
             self.val_stream = ShardStream(
                 urls,
-                transform=build_transforms(self.model_name, is_train=False),
+                transform=build_transforms(
+                    self.model_name, is_train=False, preprocess=self.preprocess
+                ),
                 training=False,
                 num_workers=self._workers_for(urls, "data.val_shards", world_size, False),
                 **common,
@@ -238,7 +243,12 @@ class WebDataModule(L.LightningDataModule):
         samples = self.samples_per_epoch if sizes is None else sum(sizes)
         self.train_stream = ShardStream(
             urls,
-            transform=build_transforms(self.model_name, is_train=True, as_uint8=self.uint8_images),
+            transform=build_transforms(
+                self.model_name,
+                is_train=True,
+                as_uint8=self.uint8_images,
+                preprocess=self.preprocess,
+            ),
             training=True,
             resampled=self.resampled,
             shard_weights=weights,

@@ -217,7 +217,10 @@ class ValidationCallback(Callback):
 
     def _compute(self, model, model_name, datamodule) -> dict[str, float]:
         device = next(model.parameters()).device
-        tokenizer, transform = build_tokenizer(model_name), build_transforms(model_name, False)
+        # the training data's mean/std/interpolation/resize mode (those of the model's weights)
+        preprocess = getattr(datamodule, "preprocess", None)
+        tokenizer = build_tokenizer(model_name)
+        transform = build_transforms(model_name, False, preprocess=preprocess)
         if getattr(datamodule, "decode_mode", lambda: "worker")() == "device":
             transform = DeviceTransform(transform, device)  # data.decode=device's decoder
         loader_kw = {"num_workers": self.num_workers, "max_samples": self.max_samples}
