@@ -17,19 +17,20 @@ def exclude_from_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim < 2 or "embedding" in name or "logit_" in name
 
 
+def is_number(value) -> bool:
+    """An int or a float; True and False are not numbers here."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def check_lr_scaling(image_lr_scale, text_lr_scale, layer_decay) -> None:
     """Refuse optim.image_lr_scale / text_lr_scale / layer_decay values that cannot work."""
     for key, value in (("image_lr_scale", image_lr_scale), ("text_lr_scale", text_lr_scale)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        if not (is_number(value) and value >= 0):
             raise ConfigError(
                 f"optim.{key}={value!r} is invalid: it must be a number >= 0, the factor on "
                 "optim.optimizer.lr for that tower's parameters (1 = the base rate)"
             )
-    if layer_decay is not None and (
-        isinstance(layer_decay, bool)
-        or not isinstance(layer_decay, int | float)
-        or not 0 < layer_decay <= 1
-    ):
+    if layer_decay is not None and not (is_number(layer_decay) and 0 < layer_decay <= 1):
         raise ConfigError(
             f"optim.layer_decay={layer_decay!r} is invalid: it must be null (off) or a number in "
             "(0, 1], each block's rate being scaled by layer_decay^(its depth from the top)"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import copy
 
-import lightning as L
 import open_clip
 import pytest
 import torch
@@ -16,13 +15,14 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss as OpenClipLoss
 from torch.utils.flop_counter import FlopCounterMode
 
+from clipscale.errors import ConfigError
 from clipscale.flops import step_flops
 from clipscale.gradcache import cached_backward
 from clipscale.losses import ClipLoss
 from clipscale.optim import build_optimizer, parameter_groups
 from tests.numerics import assert_relative_close
 from tests.test_module_ddp import PER_RANK_BATCH, WORLD, FixedPairs, one_step
-from tests.test_module_step import make_module
+from tests.test_module_step import fit, make_module
 
 LR = 0.5
 
@@ -64,16 +64,7 @@ def test_locked_tower_bytes_never_change_and_get_no_optimizer_state(tmp_path):
     adamw = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2, "weight_decay": 0.5}
     module = make_module(chunk=4, optimizer=adamw, lock_image=True)
     initial = {k: v.clone() for k, v in module.model.state_dict().items()}
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=5,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    loader = torch.utils.data.DataLoader(FixedPairs(), batch_size=PER_RANK_BATCH)
-    trainer.fit(module, train_dataloaders=loader)
+    trainer = fit(module, steps=5, batch_size=PER_RANK_BATCH, dataset=FixedPairs())
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     for name, tensor in initial.items():
@@ -147,3 +138,7 @@ def test_per_tower_rates_and_layer_decay_set_each_parameters_rate():
         assert lr_of[name] == pytest.approx(value, rel=1e-12), name
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] for p in g["params"]}
     assert id(model.visual.proj) in decayed and id(model.logit_scale) not in decayed
+    with pytest.raises(ConfigError, match=r"optim.layer_decay=1.5 is invalid"):
+        parameter_groups(model, 0.1, layer_decay=1.5)
+    with pytest.raises(ConfigError, match=r"optim.image_lr_scale=-1 is invalid"):
+        parameter_groups(model, 0.1, image_lr_scale=-1)
