@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from clipscale.errors import ConfigError
 from clipscale.models import check_model_name, check_pretrained
+from clipscale.optim import check_lr_scaling
 
 SIGLIP_MISSING_BIAS = "loss=siglip needs a learnable logit bias (model.kwargs.init_logit_bias)"
 # trainer.precision values clipscale trains with (README: "Precision"); Lightning's short aliases
@@ -68,6 +69,10 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(str(error)) from None
     check_model_name(cfg.model.name)
     check_pretrained(cfg.model.pretrained, cfg.model.name)
+    optim = cfg.optim
+    check_lr_scaling(
+        optim.get("image_lr_scale", 1.0), optim.get("text_lr_scale", 1.0), optim.get("layer_decay")
+    )
 
     precision = check_precision(cfg.trainer.get("precision", "32-true"))
     if precision == "64-true" and cfg.loss.get("kernel", "auto") == "triton":

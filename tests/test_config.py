@@ -48,6 +48,7 @@ def test_demo_defaults_build_module_and_datamodule(compose_config, tmp_path):
         ("grad_cache.chunk_size=0", r"grad_cache.chunk_size=0 is invalid"),
         ("loss.kernel=cuda", r"loss.kernel='cuda' is unknown; choose one of auto, torch, triton"),
         ("model.name=ViT-B-33", r"model.name='ViT-B-33' is not an open_clip architecture"),
+        ("optim.layer_decay=0", r"optim.layer_decay=0 is invalid: it must be null \(off\) or"),
         (
             "model.pretrained=/nonexistent.pt",
             r"model.pretrained='/nonexistent.pt' is neither a local file nor an open_clip tag",
