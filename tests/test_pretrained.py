@@ -4,6 +4,10 @@ tag names the valid ones and a tag neither cached nor downloadable names the cac
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import huggingface_hub
+import open_clip
 import pytest
 import torch
 
@@ -46,3 +50,30 @@ def test_a_tag_neither_cached_nor_downloadable_names_the_cache_in_one_line(tmp_p
     assert str(cache) in last
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def hub_cache_file(cache: Path, repo: str, filename: str) -> Path:
+    """Where huggingface_hub keeps `filename` of model repo `repo` (its cache layout)."""
+    commit = "0" * 40
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    path = folder / "snapshots" / commit / filename
+    path.parent.mkdir(parents=True)
+    return path
+
+
+def test_a_tag_loads_the_weights_in_the_hub_cache_through_open_clip(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import
+    name, tag = "RN50", "yfcc15m"  # the smallest architecture with an open_clip hub tag
+    repo = open_clip.get_pretrained_cfg(name, tag)["hf_hub"].strip("/")
+    torch.manual_seed(3)
+    weights = {
+        k: v.half() for k, v in build_model(name).state_dict().items()
+    }  # fp16: half the bytes
+    torch.save(weights, hub_cache_file(tmp_path, repo, "open_clip_pytorch_model.bin"))
+    torch.manual_seed(4)
+    loaded = build_model(name, pretrained=tag, cache_dir=str(tmp_path))
+    for key, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, weights[key].to(tensor.dtype)), key
