@@ -19,7 +19,12 @@ import open_clip
 import torch
 
 from clipscale.errors import UserError, known_errors
-from clipscale.models import MODEL_CONFIG_DIR, clip_from_checkpoint, read_model_checkpoint
+from clipscale.models import (
+    MODEL_CONFIG_DIR,
+    PREPROCESS_DEFAULTS,
+    clip_from_checkpoint,
+    read_model_checkpoint,
+)
 
 USAGE = "usage: python -m clipscale.export checkpoint=PATH output=FILE [model_name=NAME]"
 
@@ -41,7 +46,13 @@ def export_checkpoint(
     if shipped_config.is_file():
         config = open_clip.get_model_config(contents.name)
         (output.parent / f"{contents.name}.json").write_text(json.dumps(config, indent=4) + "\n")
-    return output, contents.name, contents.kwargs
+    # image preprocessing the run trained with, where it is not open_clip's default
+    preprocess = {
+        f"image_{key}": value
+        for key, value in (contents.preprocess or {}).items()
+        if value != PREPROCESS_DEFAULTS[key]
+    }
+    return output, contents.name, {**contents.kwargs, **preprocess}
 
 
 def parse_overrides(argv: list[str]) -> dict[str, str]:

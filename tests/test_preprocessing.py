@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision.transforms import Normalize, Resize
 
 from clipscale.data.decode import DeviceTransform
+from clipscale.export import export_checkpoint
 from clipscale.models import build_transforms, image_preprocess, read_model_checkpoint
 from clipscale.train import build_module
 from tests.test_module_step import fit
@@ -59,6 +60,10 @@ def test_training_normalisation_checkpoint_and_evaluate_use_the_overrides(compos
     recorded = read_model_checkpoint(str(tmp_path / "run.ckpt"))
     transform = build_transforms(recorded.name, False, preprocess=recorded.preprocess)
     assert normalize_of(transform).mean == (0.5, 0.5, 0.5)
+    # export: the load call it prints passes them to open_clip
+    path, name, kwargs = export_checkpoint(str(tmp_path / "run.ckpt"), str(tmp_path / "out.pt"))
+    _, _, loaded_transform = open_clip.create_model_and_transforms(name, str(path), **kwargs)
+    assert normalize_of(loaded_transform).std == (0.5, 0.5, 0.5)
 
 
 def test_device_decode_of_a_squash_transform_matches_the_worker_path():
