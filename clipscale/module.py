@@ -40,16 +40,24 @@ from clipscale.optim import (
     steps_with_amp_scaling,
     unscale_and_clip,
 )
-from clipscale.towers import keep_locked_in_eval, lock_towers, locked_towers
+from clipscale.towers import keep_locked_in_eval, lock_towers, locked_towers, tower_modules
 
 LAST_LOGGED = ("train/loss", "train/temperature")  # kept in checkpoints for the run summary
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learnable temperature at 1/100
 
 
-def refuse_batch_norm(model: torch.nn.Module, model_name: str, chunk_size) -> None:
+def refuse_batch_norm(
+    model: torch.nn.Module, model_name: str, chunk_size, locked: frozenset[str] = frozenset()
+) -> None:
     """Gradient caching is exact only for per-sample layers: BatchNorm normalises each chunk with
-    that chunk's statistics (not the batch's) and updates its running statistics in both passes."""
-    layer = next((m for m in model.modules() if isinstance(m, _BatchNorm)), None)
+    that chunk's statistics (not the batch's) and updates its running statistics in both passes.
+    A locked tower is exempt: in eval mode its BatchNorm uses fixed statistics, per sample."""
+    exempt = {
+        id(m) for tower in locked for top in tower_modules(model, tower) for m in top.modules()
+    }
+    layer = next(
+        (m for m in model.modules() if isinstance(m, _BatchNorm) and id(m) not in exempt), None
+    )
     if layer is not None:
         raise ConfigError(
             f"grad_cache.chunk_size={chunk_size} cannot be exact for model.name={model_name}: it "
@@ -88,6 +96,7 @@ class CLIPModule(L.LightningModule):
         )
         lock_towers(self.model, model)  # model.lock_image*, model.lock_text* (open_clip's flags)
         self.locked = locked_towers(self.model)  # no trained parameter: eval mode, no graph
+        keep_locked_in_eval(self.model, self.locked)  # and in train(), which Lightning may call
         # the weights' image preprocessing (or model.image_*), as the data modules apply it
         self.preprocess = image_preprocess(model)
         rank_zero_info(
@@ -110,7 +119,7 @@ class CLIPModule(L.LightningModule):
         self.memory_fraction = grad_cache.get("memory_fraction", 0.8)
         self.stage_on_host = grad_cache.get("stage_on_host", "auto")
         if self.chunk_size is not None:
-            refuse_batch_norm(self.model, model["name"], self.chunk_size)
+            refuse_batch_norm(self.model, model["name"], self.chunk_size, self.locked)
         self.max_logit_scale = model.get("max_logit_scale", MAX_LOGIT_SCALE)
         self.guard = NonFiniteGuard(**(guard or {}))  # skips NaN/Inf steps (clipscale/guard.py)
         self._restored_last_logged: dict[str, float] = {}  # a checkpoint's LAST_LOGGED values

@@ -23,6 +23,7 @@ from clipscale.optim import build_optimizer, parameter_groups
 from tests.numerics import assert_relative_close
 from tests.test_module_ddp import PER_RANK_BATCH, WORLD, FixedPairs, one_step
 from tests.test_module_step import fit, make_module
+from tests.test_module_step import tiny_resnet as tiny_resnet  # noqa: F401 (a fixture)
 
 LR = 0.5
 
@@ -142,3 +143,14 @@ def test_per_tower_rates_and_layer_decay_set_each_parameters_rate():
         parameter_groups(model, 0.1, layer_decay=1.5)
     with pytest.raises(ConfigError, match=r"optim.image_lr_scale=-1 is invalid"):
         parameter_groups(model, 0.1, image_lr_scale=-1)
+
+
+def test_gradient_caching_accepts_batch_norm_in_a_locked_tower(tiny_resnet):
+    module = make_module(
+        model=tiny_resnet, chunk=4, lock_image=True
+    )  # BatchNorm in the image tower
+    stats = {k: v.clone() for k, v in module.model.visual.state_dict().items() if "running" in k}
+    fit(module, steps=1)
+    for name, value in module.model.visual.state_dict().items():
+        if name in stats:  # eval mode: fixed statistics, the same per sample in every chunk
+            assert torch.equal(value, stats[name]), name
