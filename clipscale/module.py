@@ -307,13 +307,14 @@ class CLIPModule(L.LightningModule):
         step_lr = optimizer.param_groups[0]["lr"]  # the rate this update uses, logged below
         # optimizer.step() (clipping happens in on_before_optimizer_step, after fp16 unscaling) and
         # scheduler.step(), unless the loss or a gradient is NaN/Inf on some rank.
+        options = guard_options(self.trainer)
         stepped = self.guard.step(
             loss,
             optimizer,
             scheduler,
             self.global_step,
             check=is_logging_step(self.trainer),  # the device path reads its counters only then
-            **guard_options(self.trainer),
+            **options,
         )
         if stepped:
             with torch.no_grad():
@@ -321,7 +322,7 @@ class CLIPModule(L.LightningModule):
         self.log(
             "train/skipped_steps", self.guard.skipped_steps, rank_zero_only=True
         )  # no host sync
-        if guard_options(self.trainer)["loss_only"]:  # 16-mixed: the GradScaler's own skips
+        if options["loss_only"]:  # 16-mixed: the GradScaler's own skips
             self.log(
                 "train/scaler_overflow_steps", self.guard.scaler_overflow_steps, rank_zero_only=True
             )
