@@ -186,7 +186,7 @@ def cached_backward(
     return loss.detach()
 
 
-# --- grad_cache.chunk_size=auto --------------------------------------------------------------------
+# --- the grad_cache config keys (grad_cache.chunk_size=auto itself: clipscale/chunking.py) ------
 
 
 def check_grad_cache(chunk_size, memory_fraction=0.8, stage_on_host="auto") -> None:
