@@ -16,8 +16,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from clipscale.errors import ConfigError
+from clipscale.towers import tower_modules
 
 LossFn = Callable[..., torch.Tensor]
 # encode_fn(images, texts) -> (image_emb, text_emb); prepare(images, texts) -> (images, texts)
@@ -213,4 +215,25 @@ def check_grad_cache(chunk_size, memory_fraction=0.8, stage_on_host="auto") -> N
         raise ConfigError(
             f"grad_cache.stage_on_host={stage_on_host!r} is invalid: it must be auto (on CUDA "
             "with gradient caching), true or false"
+        )
+
+
+def refuse_batch_norm(
+    model: torch.nn.Module, model_name: str, chunk_size, locked: frozenset[str] = frozenset()
+) -> None:
+    """Gradient caching is exact only for per-sample layers: BatchNorm normalises each chunk with
+    that chunk's statistics (not the batch's) and updates its running statistics in both passes.
+    A locked tower is exempt: in eval mode its BatchNorm uses fixed statistics, per sample."""
+    exempt = {
+        id(m) for tower in locked for top in tower_modules(model, tower) for m in top.modules()
+    }
+    layer = next(
+        (m for m in model.modules() if isinstance(m, _BatchNorm) and id(m) not in exempt), None
+    )
+    if layer is not None:
+        raise ConfigError(
+            f"grad_cache.chunk_size={chunk_size} cannot be exact for model.name={model_name}: it "
+            f"has {type(layer).__name__} layers, which normalise each chunk with its own "
+            "statistics. Use grad_cache.chunk_size=null (loss.chunk_size still bounds the loss "
+            "memory), or a model without BatchNorm (e.g. a ViT)"
         )

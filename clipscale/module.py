@@ -15,12 +15,10 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from clipscale.chunking import measure_chunk_size
 from clipscale.distributed import all_reduce_gradients
-from clipscale.errors import ConfigError
 from clipscale.flops import StepFlops, peak_tflops, step_flops
 from clipscale.gradcache import (
     cached_backward,
@@ -28,10 +26,11 @@ from clipscale.gradcache import (
     encode,
     encode_foils,
     logit_params,
+    refuse_batch_norm,
 )
 from clipscale.guard import NonFiniteGuard, guard_options
 from clipscale.metering import StepMeter, is_last_step, is_logging_step
-from clipscale.models import build_model, image_preprocess, normalize_images
+from clipscale.models import build_model, image_preprocess
 from clipscale.optim import (
     ContinuableSchedule,
     build_optimizer,
@@ -40,36 +39,11 @@ from clipscale.optim import (
     steps_with_amp_scaling,
     unscale_and_clip,
 )
-from clipscale.towers import keep_locked_in_eval, lock_towers, locked_towers, tower_modules
+from clipscale.staging import ImageNormalizer, chunk_to_device, split_staged, stages_on_host
+from clipscale.towers import keep_locked_in_eval, lock_towers, locked_towers
 
 LAST_LOGGED = ("train/loss", "train/temperature")  # kept in checkpoints for the run summary
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learnable temperature at 1/100
-
-
-def refuse_batch_norm(
-    model: torch.nn.Module, model_name: str, chunk_size, locked: frozenset[str] = frozenset()
-) -> None:
-    """Gradient caching is exact only for per-sample layers: BatchNorm normalises each chunk with
-    that chunk's statistics (not the batch's) and updates its running statistics in both passes.
-    A locked tower is exempt: in eval mode its BatchNorm uses fixed statistics, per sample."""
-    exempt = {
-        id(m) for tower in locked for top in tower_modules(model, tower) for m in top.modules()
-    }
-    layer = next(
-        (m for m in model.modules() if isinstance(m, _BatchNorm) and id(m) not in exempt), None
-    )
-    if layer is not None:
-        raise ConfigError(
-            f"grad_cache.chunk_size={chunk_size} cannot be exact for model.name={model_name}: it "
-            f"has {type(layer).__name__} layers, which normalise each chunk with its own "
-            "statistics. Use grad_cache.chunk_size=null (loss.chunk_size still bounds the loss "
-            "memory), or a model without BatchNorm (e.g. a ViT)"
-        )
-
-
-def pinned(tensor: torch.Tensor) -> torch.Tensor:
-    """A host tensor in page-locked memory (copied there once if it is not); others unchanged."""
-    return tensor.pin_memory() if tensor.device.type == "cpu" and not tensor.is_pinned() else tensor
 
 
 class CLIPModule(L.LightningModule):
@@ -125,7 +99,8 @@ class CLIPModule(L.LightningModule):
         self._restored_last_logged: dict[str, float] = {}  # a checkpoint's LAST_LOGGED values
         self.step_flops: StepFlops | None = None  # per-sample FLOPs, counted in on_train_start
         self.meter = StepMeter()  # samples/s, FLOPs, sample counters (clipscale/metering.py)
-        self._normalize: tuple[torch.Tensor, torch.Tensor] | None = None
+        # uint8 images are normalised on the device (clipscale/staging.py)
+        self.normalize = ImageNormalizer(self.preprocess["mean"], self.preprocess["std"])
 
     # --- encoders -------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, texts: torch.Tensor):
@@ -171,42 +146,25 @@ class CLIPModule(L.LightningModule):
         return {**state, "_compiled_encode": None}
 
     def float_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Loaders may send uint8 images (4× less to copy); normalise them here, on the device,
-        as open_clip's ToTensor + Normalize do. Mean and std are kept on the device: building them
-        from Python lists per call would be a host-to-device copy per chunk."""
-        if images.dtype != torch.uint8:
-            return images
-        if self._normalize is None or self._normalize[0].device != images.device:
-            cfg = self.preprocess
-            self._normalize = tuple(
-                torch.tensor(cfg[key], device=images.device) for key in ("mean", "std")
-            )
-        return normalize_images(images, *self._normalize)
+        """uint8 images normalised on their device with the weights' mean and std (the loaders'
+        uint8 batches are a quarter of the bytes); float images unchanged."""
+        return self.normalize(images)
 
     def _prepare_chunk(self, images: torch.Tensor, texts: torch.Tensor):
-        """A chunk as the encoder takes it: on the model's device (a no-op when it is there; a
-        non-blocking copy from pinned memory when staged on the host), images normalised. A
-        None (a locked tower that gradient caching does not re-encode) stays None."""
-        if images is not None:
-            images = self.float_images(images.to(self.device, non_blocking=True))
-        return images, None if texts is None else texts.to(self.device, non_blocking=True)
+        """A chunk as the encoder takes it: on the model's device, images normalised."""
+        return chunk_to_device(images, texts, self.device, self.normalize)
 
     def stages_on_host(self, device: torch.device) -> bool:
         """grad_cache.stage_on_host for this run: auto means on CUDA with gradient caching."""
-        if self.chunk_size is None or self.stage_on_host is False:
-            return False
-        return self.stage_on_host is True or device.type == "cuda"
+        return stages_on_host(self.chunk_size, self.stage_on_host, device)
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        """With host staging, images and texts stay in host memory (pinned, so each chunk's copy
-        is asynchronous); everything else moves as usual."""
+        """With host staging, images and texts stay in host memory (pinned on CUDA, so each
+        chunk's copy is asynchronous); everything else moves as usual."""
         if not (isinstance(batch, dict) and self.stages_on_host(device)):
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        kept = {key: batch[key] for key in ("images", "texts") if key in batch}
-        if device.type == "cuda":  # page-locked, so each chunk's copy is asynchronous
-            kept = {k: pinned(v) for k, v in kept.items()}
-        rest = {key: value for key, value in batch.items() if key not in kept}
-        return {**super().transfer_batch_to_device(rest, device, dataloader_idx), **kept}
+        staged, rest = split_staged(batch, device)
+        return {**super().transfer_batch_to_device(rest, device, dataloader_idx), **staged}
 
     # --- the step -------------------------------------------------------------------------------
     def on_train_start(self) -> None:

@@ -39,6 +39,7 @@ LAYERS: list[list[str]] = [
         "clipscale.optim",
         "clipscale.guard",
         "clipscale.gradcache",
+        "clipscale.staging",
         "clipscale.metering",
         "clipscale.chunking",
         "clipscale.preemption",
