@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from clipscale.train import CONFIG_DIR
+from tests.cli_process import run_module
 from tests.slurm_cluster import job_dir, slurm  # noqa: F401 (SLURM cluster, job folders)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -30,15 +29,15 @@ def compose_config():
 
 
 def run_cli(
-    *args: str, module: str = "clipscale.train", timeout: int = 600, env=None, cwd=REPO_ROOT
+    *args: str,
+    module: str = "clipscale.train",
+    timeout: int = 600,
+    env=None,
+    cwd=REPO_ROOT,
+    fresh: bool = False,
 ):
-    """Run `python -m <module> args...` in `cwd` (the repo root); returns the CompletedProcess."""
+    """Run `python -m <module> args...` in `cwd` (the repo root); returns the CompletedProcess.
+    A fork of a warm interpreter unless `fresh` (a new interpreter: tests of what it prints while
+    importing) or `env` sets a variable read at import time (tests/cli_process.py)."""
     full_env = {**os.environ, "WANDB_SILENT": "true", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-    )
+    return run_module(module, args, cwd=cwd, env=full_env, timeout=timeout, fresh=fresh)

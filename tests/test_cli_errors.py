@@ -216,6 +216,7 @@ def test_a_normal_run_prints_none_of_the_known_noise(tmp_path):
         "logger=csv", "trainer.max_steps=2", "eval.every_n_steps=2", "data.val_samples=64",
         "data.batch_size=8", "data.num_workers=0", f"paths.output_dir={tmp_path}",
         env={"PATH": f"{tmp_path}:{os.environ['PATH']}"},
+        fresh=True,  # a new interpreter: what importing torch, Lightning and open_clip prints too
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr

@@ -3,11 +3,8 @@ bash blocks runs a few steps, from a scratch directory holding the files the com
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ import pytest
 from PIL import Image
 
 from clipscale.data.shards import write_shards
+from tests.conftest import run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Every command runs a few small steps: these replace the command's own values ...
@@ -71,9 +69,9 @@ def settings(values: dict[str, str]) -> list[str]:
 def short_run(run: Path) -> Path:
     """`run`, holding a short demo run's checkpoints (trained on first use)."""
     if not (run / "checkpoints" / "last.ckpt").exists():
-        first = [sys.executable, "-m", "clipscale.train", *settings(FORCED), *settings(QUIET)]
-        first.append(f"paths.output_dir={run}")
-        subprocess.run(first, cwd=run.parents[1], check=True, capture_output=True, timeout=600)
+        arguments = [*settings(FORCED), *settings(QUIET), f"paths.output_dir={run}"]
+        result = run_cli(*arguments, cwd=run.parents[1])
+        assert result.returncode == 0, result.stderr[-3000:]
     return run
 
 
@@ -88,10 +86,10 @@ def test_the_readme_has_training_commands_to_check():
 def test_readme_training_command_runs(command, scratch, tmp_path):
     words = shlex.split(command)
     if words[0] == "torchrun":
-        words = [sys.executable, "-m", "torch.distributed.run", *words[1:]]
+        words = ["-m", "torch.distributed.run", *words[1:]]
     else:
         assert words[:3] == ["python", "-m", "clipscale.train"], command
-        words = [sys.executable, *words[1:]]
+        words = words[1:]
     forced = dict(FORCED)
     if any(word.startswith("ckpt_path=") for word in words):
         run = short_run(scratch / "runs" / "resumable")
@@ -104,14 +102,9 @@ def test_readme_training_command_runs(command, scratch, tmp_path):
     quiet = {key: value for key, value in QUIET.items() if key not in keys}
     if "paths.output_dir" not in keys and "ckpt_path" not in keys:
         quiet["paths.output_dir"] = str(tmp_path)
-    env = {**os.environ, "WANDB_SILENT": "true"}
-    result = subprocess.run(
-        [*words, *settings(forced), *settings(quiet)],
-        cwd=scratch,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
+    module, *arguments = words[1:]  # python -m <module> <arguments>
+    result = run_cli(
+        *arguments, *settings(forced), *settings(quiet), module=module, cwd=scratch, timeout=900
     )
     assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
     assert "clipscale run finished" in result.stdout
