@@ -6,7 +6,7 @@ STAMP := $(VENV)/.clipscale-installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: help install train test test-nodes test-full bench lint format docker clean
+.PHONY: help install train test test-slow test-nodes test-full bench lint format docker clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -23,11 +23,14 @@ $(STAMP): pyproject.toml
 train: install ## train the embedded demo on CPU (extra Hydra overrides: make train ARGS="...")
 	$(PYTHON) -m clipscale.train $(ARGS)
 
-test: install ## run the test suite without the tests marked slow
-	$(PYTHON) -m pytest -m "not slow" --durations=15 $(ARGS)
+test: install ## run the test suite, without the tests marked slow or slurm (CI runs those: .ci/run)
+	$(PYTHON) -m pytest -m "not slow and not slurm" --durations=15 $(ARGS)
 
-test-nodes: install ## the long multi-node proofs on a real 2-node SLURM (torchrun, losing a node); root
-	$(PYTHON) -m pytest -m "slurm and slow" tests/test_multinode.py --durations=5 $(ARGS)
+test-slow: install ## the tests marked slow, SLURM's aside (CI runs them after make test: .ci/run)
+	$(PYTHON) -m pytest -m "slow and not slurm" --durations=15 $(ARGS)
+
+test-nodes: install ## every test on a real SLURM (one node, two nodes, losing a node); root
+	$(PYTHON) -m pytest -m slurm --durations=10 $(ARGS)
 
 test-full: install ## run every test, slow ones included
 	$(PYTHON) -m pytest --durations=15 $(ARGS)

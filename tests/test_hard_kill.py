@@ -3,9 +3,9 @@ restart with ckpt_path=<that checkpoint>, and end bit-identical (fp32) to an uni
 
 Nothing warns the run (no signal handler can act on SIGKILL), so this is what a node OOM kill or
 `kill -9` leaves: the periodic checkpoints (written atomically) with each rank's stream position
-and RNG states. One combination runs in the default suite (one-pass epochs, no loader workers,
-crossing an epoch boundary after the resume); the others are `slow` (three 2-rank runs each, about
-a minute) and cover resampled shards and the per-worker stream positions.
+and RNG states. All four combinations are `slow` (four 2-rank runs each, about a minute on 2 cores;
+CI runs them, `make test-slow`): one-pass epochs without loader workers (crossing an epoch boundary
+after the resume), and resampled shards and the per-worker stream positions.
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ def hard_kill_resume_matches_uninterrupted(tmp_path: Path, resampled: bool, work
         assert torch.equal(got[name], value), name
 
 
+@pytest.mark.slow  # four 2-rank runs, about a minute on 2 cores; CI runs it: make test-slow
 def test_hard_kill_one_pass_no_workers_resumes_bit_identical(tmp_path):
     hard_kill_resume_matches_uninterrupted(tmp_path, resampled=False, workers=0)
 
