@@ -9,8 +9,9 @@ The reference for every training job is one process training the same model on t
 global batch (the 4 ranks' batches, in rank order, of the same seeded sampler) with the same
 optimizer: the design's invariant (DESIGN.md) across a node boundary. `optim=sgd`, because its
 update is proportional to the gradient (Adam's first steps are nearly lr × sign(gradient): a wrong
-gradient scale would pass unseen). The torchrun and node-loss tests are `slow` (make test-full):
-with them the module takes about 10 minutes on 2 busy cores, without them about 6.
+gradient scale would pass unseen). Every test here needs the real cluster, so `make test-nodes`
+runs them all (CI does); the torchrun and node-loss tests are also marked `slow`: with them the
+module takes about 10 minutes on 2 busy cores, without them about 6.
 """
 
 from __future__ import annotations
@@ -292,7 +293,7 @@ def test_one_pass_epochs_read_every_sample_once_over_two_nodes(slurm, tmp_path):
         assert sorted(key for rank in ranks for key in rank["epochs"][epoch]["keys"]) == all_keys
 
 
-@pytest.mark.slow  # a fourth 4-rank training job (about 40 s more on 2 cores); make test-full
+@pytest.mark.slow  # a fourth 4-rank training job (about 40 s more on 2 cores); make test-nodes
 def test_torchrun_on_two_nodes_equals_one_process(slurm, tmp_path, reference):
     """torchrun --nnodes=2 --nproc_per_node=2 with a c10d rendezvous at node1, started on each
     node (one srun task per node, SLURM's variables removed: torchrun alone launches the ranks)."""
