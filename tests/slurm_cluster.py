@@ -88,8 +88,8 @@ def job_env(job_dir: Path) -> dict[str, str]:
         "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",
         # 4 ranks share the box's 2 cores: one thread each, as Lightning's own launchers set it
-        # (srun starts the ranks here, so no launcher does). Jobs ran this way while make test's
-        # in-process DDP tests left it set; with 2 threads each, a rank once aborted at exit.
+        # (srun starts the ranks here, so none does). With 2 threads each, a rank of a finished
+        # job once aborted at interpreter exit (cause not found; see the closing note of 12-05).
         "OMP_NUM_THREADS": "1",
     }
 
